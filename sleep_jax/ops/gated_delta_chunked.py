@@ -1,0 +1,238 @@
+"""Chunkwise-parallel form of the gated delta rule and of the Hebbian rule.
+
+The sequence is cut into chunks of ``C`` tokens. Inside a chunk, the delta rule's
+token-by-token corrections become one unit-lower-triangular system (the WY/UT form), solved
+in float32 for all chunks at once; a ``lax.scan`` over chunks then carries the ``[Dk, Dv]``
+state with two small matrix products per chunk, and the outputs of all chunks come from
+batched matrix products once the chunk-start states are known. docs/delta_rule.md derives
+it. Decays are handled in log space (float32), with masks applied before ``exp``.
+
+Shape legend: ``n`` chunks, ``b`` batch, ``h`` heads, ``c``/``s`` token in a chunk,
+``k`` key size Dk, ``v`` value size Dv.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
+  """Dtype of the matmul operands: float32 for float32 (or wider) inputs, else the
+  inputs' half-precision dtype (the products then accumulate in float32)."""
+  dtype = jnp.result_type(*xs)
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(dtype)
+
+
+def _matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """einsum with float32 results: true float32 for float32 operands (no TF32/bf16
+  passes on accelerators), or half-precision operands with float32 accumulation."""
+  if dtype == jnp.float32:
+    return jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32),
+                      precision=_HIGHEST)
+  return jnp.einsum(spec, x.astype(dtype), y.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _to_chunks(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
+  """[b t h ...] (t = num_chunks * chunk) -> [n b h c ...]."""
+  b, _, h = x.shape[:3]
+  x = x.reshape((b, num_chunks, chunk, h) + x.shape[3:])
+  return jnp.moveaxis(x, (1, 3), (0, 2))
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+  """[n b h c ...] -> [b (n c) h ...]."""
+  n, b, h, c = x.shape[:4]
+  x = jnp.moveaxis(x, (0, 2), (1, 3))
+  return x.reshape((b, n * c, h) + x.shape[4:])
+
+
+def _segment_log_decays(log_alpha: jax.Array):
+  """Log-decays inside each chunk, all float32 and <= 0.
+
+  Args:
+    log_alpha: ``[n b h c]``.
+
+  Returns:
+    from_start: ``[n b h c]``, sum of log_alpha over tokens ``0..c`` of the chunk.
+    pairwise: ``[n b h c s]``, sum over tokens ``s+1..c`` for ``c >= s`` and ``-inf``
+      above the diagonal (so ``exp`` gives the causal decay matrix, exactly 0 above).
+    to_end: ``[n b h s]``, sum over tokens ``s+1..C-1`` (decay from token s to the chunk
+      end).
+  """
+  chunk = log_alpha.shape[-1]
+  from_start = jnp.cumsum(log_alpha, axis=-1)
+  idx = jnp.arange(chunk)
+  # pairwise[c, s] is summed directly over its own tokens rather than taken as
+  # from_start[c] - from_start[s]: the difference of two large cumulative sums would
+  # lose relative accuracy when a chunk decays strongly.
+  strictly_after = idx[:, None] > idx[None, :]   # token i (rows) lies after s (cols)
+  terms = jnp.where(strictly_after, log_alpha[..., :, None], 0.0)
+  # A log-depth tree of adds: on CPU several times faster than cumsum's reduce-window.
+  sums = jax.lax.associative_scan(jnp.add, terms, axis=-2)
+  to_end = sums[..., -1, :]
+  causal = idx[:, None] >= idx[None, :]
+  # Mask before exp: above the diagonal the sums are meaningless and exp of -inf is 0.
+  pairwise = jnp.where(causal, sums, -jnp.inf)
+  return from_start, pairwise, to_end
+
+
+def _matmul_f32(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.matmul(x, y, precision=_HIGHEST)
+
+
+def _diagonal_blocks(x: jax.Array, size: int) -> jax.Array:
+  """[..., m, m] -> [..., m // size, size, size]: the diagonal blocks of x."""
+  m = x.shape[-1]
+  blocks = x.reshape(x.shape[:-2] + (m // size, size, m // size, size))
+  return jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+
+
+# Diagonal blocks up to this size are inverted with the nilpotent product formula; larger
+# ones by block doubling. Both are batched matrix products in true float32.
+_BASE_BLOCK = 16
+
+
+@jax.custom_jvp
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """``(I + a)^{-1}`` for a strictly lower-triangular float32 ``a`` of shape ``[..., m, m]``.
+
+  The upper triangle and diagonal of ``a`` are ignored. Diagonal blocks of up to 16 rows
+  use ``(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)(I + N^8)`` with ``N = -a`` nilpotent;
+  neighbouring inverted blocks then merge by
+  ``[[P, 0], [Q, R]]^{-1} = [[P^-1, 0], [-R^-1 Q P^-1, R^-1]]`` until one block remains.
+  Every product runs at HIGHEST precision: with TF32/bf16 passes an explicit inverse
+  loses accuracy on accelerators.
+  """
+  m = a.shape[-1]
+  a = jnp.tril(a, -1)
+  base = min(_BASE_BLOCK, 1 << max(m - 1, 0).bit_length())
+  size = base
+  while size < m:
+    size *= 2
+  if size != m:
+    # Zero padding extends I + a by an identity block, whose inverse is the identity.
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - m), (0, size - m)])
+  batch = a.shape[:-2]
+
+  nilpotent = -_diagonal_blocks(a, base)
+  blocks = jnp.eye(base, dtype=a.dtype) + nilpotent
+  power, covered = nilpotent, 2
+  while covered < base:
+    power = _matmul_f32(power, power)
+    blocks = blocks + _matmul_f32(blocks, power)
+    covered *= 2
+
+  width = base
+  while width < size:
+    pairs = size // (2 * width)
+    lower_left = _diagonal_blocks(a, 2 * width)[..., width:, :width]
+    halves = blocks.reshape(batch + (pairs, 2, width, width))
+    top_inv, bottom_inv = halves[..., 0, :, :], halves[..., 1, :, :]
+    merged = -_matmul_f32(_matmul_f32(bottom_inv, lower_left), top_inv)
+    blocks = jnp.concatenate(
+        [jnp.concatenate([top_inv, jnp.zeros_like(merged)], axis=-1),
+         jnp.concatenate([merged, bottom_inv], axis=-1)], axis=-2)
+    width *= 2
+  return blocks[..., 0, :m, :m]
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+  # d (I + a)^{-1} = -(I + a)^{-1} da (I + a)^{-1}: two products instead of
+  # differentiating through the block construction.
+  (a,), (da,) = primals, tangents
+  inverse = unit_lower_inverse(a)
+  return inverse, -_matmul_f32(_matmul_f32(inverse, jnp.tril(da, -1)), inverse)
+
+
+def chunked_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    log_alpha: jax.Array,
+    initial_state: jax.Array,
+    *,
+    scale: float | jax.Array,
+    chunk_size: int,
+    rule: str,
+) -> tuple[jax.Array, jax.Array]:
+  """Chunkwise-parallel recurrence (inputs already validated).
+
+  Args:
+    q, k: ``[b t h k]``; v: ``[b t h v]``; beta, log_alpha: ``[b t h]``.
+    initial_state: ``[b h k v]`` float32.
+    scale: readout scale.
+    chunk_size: chunk length; sequences shorter than it use their own length.
+    rule: ``"gated_delta"`` or ``"hebbian"``.
+
+  Returns:
+    ``(o [b t h v] float32, final_state [b h k v] float32)``.
+  """
+  _, seq_len, _, dv = v.shape
+  chunk = min(chunk_size, seq_len)
+  num_chunks = -(-seq_len // chunk)
+  pad = num_chunks * chunk - seq_len
+  if pad:
+    # Padding tokens leave the state unchanged: k = 0 and beta = 0 write nothing, and
+    # log_alpha = 0 does not decay; their outputs are sliced away below.
+    def pad_time(x):
+      return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v, beta, log_alpha = map(pad_time, (q, k, v, beta, log_alpha))
+
+  dtype = _compute_dtype(q, k, v)
+  q, k, v = (_to_chunks(x.astype(dtype), num_chunks, chunk) for x in (q, k, v))
+  beta, log_alpha = (_to_chunks(x.astype(jnp.float32), num_chunks, chunk)
+                     for x in (beta, log_alpha))
+  from_start, pairwise, to_end = _segment_log_decays(log_alpha)
+  decay = jnp.exp(pairwise)                                 # [n b h c s], 0 above diag
+  chunk_decay = jnp.exp(from_start[..., -1])                # [n b h]
+  # Keys decayed to the chunk end: what each token contributes to the next chunk's state.
+  k_to_end = k.astype(jnp.float32) * jnp.exp(to_end)[..., None]
+  scores = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype) * decay
+
+  if rule == "gated_delta":
+    # Corrected values u solve (I + A) u = beta v - beta exp(from_start) k S_0, with
+    # A[c, s] = beta_c exp(sum_{s<i<=c} log_alpha_i) (k_c . k_s) for s < c. Writing
+    # u = u0 - w S_0, both u0 and w come from one triangular solve per chunk.
+    idx = jnp.arange(chunk)
+    strictly_lower = idx[:, None] > idx[None, :]
+    gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
+    a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+    rhs = jnp.concatenate(
+        [beta[..., None] * v.astype(jnp.float32),
+         (beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32)], axis=-1)
+    solved = _matmul_f32(unit_lower_inverse(a), rhs)
+    u0, w = solved[..., :dv], solved[..., dv:]
+
+    def chunk_step(state, xs):
+      u0_n, w_n, k_end_n, decay_n = xs
+      u_n = u0_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state, precision=_HIGHEST)
+      new_state = decay_n[..., None, None] * state + jnp.einsum(
+          "bhck,bhcv->bhkv", k_end_n, u_n, precision=_HIGHEST)
+      return new_state, (state, u_n)
+
+    xs = (u0, w, k_to_end, chunk_decay)
+  else:
+    u_all = beta[..., None] * v.astype(jnp.float32)
+
+    def chunk_step(state, xs):
+      u_n, k_end_n, decay_n = xs
+      new_state = decay_n[..., None, None] * state + jnp.einsum(
+          "bhck,bhcv->bhkv", k_end_n, u_n, precision=_HIGHEST)
+      return new_state, (state, u_n)
+
+    xs = (u_all, k_to_end, chunk_decay)
+
+  # Remat keeps only the carried state per chunk for the backward pass.
+  final_state, (start_states, u) = jax.lax.scan(
+      jax.checkpoint(chunk_step, prevent_cse=False), initial_state, xs)
+
+  inter = _matmul("nbhck,nbhkv->nbhcv", q, start_states, dtype)
+  intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
+  o = scale * (jnp.exp(from_start)[..., None] * inter + intra)
+  return _from_chunks(o)[:, :seq_len], final_state
