@@ -169,7 +169,7 @@ def test_bad_input_names_the_flag(args, flag):
 
 def test_help_documents_every_command_and_flag():
     text = launch("--help").stdout
-    for word in ["create", "setup", "run", "logs", "ssh", "status", "delete", "babysit", "--dry-run",
+    for word in ["create", "setup", "run", "stop", "logs", "ssh", "status", "delete", "babysit", "--dry-run",
                  "--spot", "--queued", "--accelerator", "--zone", "--version", "--repo", "--ref",
                  "--source", "--poll-interval", "--max-restarts", "TPU_NAME", "TPU_ZONE",
                  "TPU_ACCELERATOR", "TPU_VERSION", "TPU_PROJECT"]:
@@ -294,8 +294,27 @@ def test_run_passes_hostile_arguments_intact(shell, sandbox, tmp_path):
     log = (logs / "my-tpu.log").read_text()
     assert "start:" in log and "output of the job" in log  # one log per worker, with the job's output
     # Stale TPU holders are killed before the job starts.
-    assert ["fuser", "-s", "-k", "/dev/accel*", "/dev/vfio/*"] in read_calls(home, "sudo")
+    (kill,) = [call for call in read_calls(home, "sudo") if call[0] == "fuser"]
+    assert kill[:3] == ["fuser", "-s", "-k"]
+    assert kill[3:] and all(p.startswith(("/dev/accel", "/dev/vfio/")) for p in kill[3:])
     assert_nothing_ran(tmp_path, home)
+
+
+def test_stop_terminates_the_job_and_its_exit_status_is_recorded(sandbox):
+    home, _, env = sandbox
+    base = ["--name=t", f"--zone={ZONE}"]
+    (run,) = dry_commands("run", *base, "--", "sleep", "30")
+    assert evaluate_remote(remote_command(run), "sh", home, env).returncode == 0
+    logs = home / "sleep_jax_logs"
+    wait_for(logs / "t.pid")
+    (stop,) = dry_commands("stop", *base)
+    assert "--worker=all" in stop
+    proc = evaluate_remote(remote_command(stop), "sh", home, env)
+    assert "sent SIGTERM" in proc.stdout, proc.stdout + proc.stderr
+    wait_for(logs / "t.exit")
+    assert (logs / "t.exit").read_text().strip() == str(128 + 15)
+    proc = evaluate_remote(remote_command(stop), "sh", home, env)
+    assert "no job running" in proc.stdout
 
 
 def test_run_reports_a_worker_that_was_never_set_up(sandbox):
@@ -416,7 +435,9 @@ case "$3 $4" in
     echo "$state" ;;
   "tpu-vm ssh")
     for a in "$@"; do
-      if [[ $a == --command=* ]]; then cd "$WORKER_HOME" && HOME=$WORKER_HOME exec sh -c "${a#--command=}"; fi
+      if [[ $a == --command=* ]]; then
+        cd "$WORKER_HOME" && HOME=$WORKER_HOME PATH=$WORKER_PATH exec sh -c "${a#--command=}"
+      fi
     done ;;
   "tpu-vm scp") cp "$5" "$WORKER_HOME/${6#*:}" ;;
 esac
@@ -426,12 +447,12 @@ exit 0
 
 @pytest.fixture
 def fake_cloud(sandbox, tmp_path):
-    home, fakebin, env = sandbox
+    home, _, worker_env = sandbox
     root = tmp_path / "cloud"
-    root.mkdir()
-    write_exe(fakebin / "gcloud", FAKE_GCLOUD)
-    env = clean_env(PATH=env["PATH"], FAKE_ROOT=str(root), WORKER_HOME=str(home), HOME=str(home),
-                    TMPDIR=str(tmp_path))
+    write_exe(root / "bin" / "gcloud", FAKE_GCLOUD)
+    # The local side has the real git and tar; the fake worker has the stubs.
+    env = clean_env(PATH=f"{root / 'bin'}:/usr/bin:/bin", FAKE_ROOT=str(root), WORKER_HOME=str(home),
+                    WORKER_PATH=worker_env["PATH"], TMPDIR=str(tmp_path))
     return root, home, env
 
 
@@ -481,6 +502,20 @@ def test_babysit_creates_a_missing_vm_and_gives_up_after_max_restarts(fake_cloud
     assert "delete" not in words
     assert words.count("create") == 1 and words.count("setup") == 1
     assert words.count("run") == 3  # the first run and two reruns
+
+
+def test_setup_copies_the_local_checkout_to_every_worker(fake_cloud, tmp_path):
+    root, home, env = fake_cloud
+    shutil.rmtree(home / "sleep_jax")
+    proc = launch("setup", "--name=t", f"--zone={ZONE}", env=env)
+    assert "sleep_jax ready on" in proc.stdout
+    copied = home / "sleep_jax"
+    assert (copied / "tpu" / "launch.sh").read_bytes() == LAUNCH.read_bytes()
+    assert (copied / "setup.py").is_file()
+    assert not (copied / ".git").exists() and not (copied / ".venv").exists()
+    assert not (home / "sleep_jax_src.tar.gz").exists()  # unpacked, then removed
+    assert not list(tmp_path.glob("sleep_jax-t-src.tar.gz"))  # the local archive is removed too
+    assert summarize(gcloud_calls(root)) == ["scp", "setup"]
 
 
 def test_shellcheck():

@@ -25,6 +25,7 @@ Commands:
   run       Start the job command given after -- on every worker (--worker=all): processes
             still holding the TPU are killed first, the job runs under nohup in ~/sleep_jax,
             and each worker writes its own log ~/sleep_jax_logs/NAME.log.
+  stop      Send SIGTERM to the job on every worker (it saves a checkpoint and exits).
   logs      Show the job log of one worker (--worker, default 0; --follow, --lines=N).
   ssh       Open a shell on a worker, or run the command given after -- there (in ~/sleep_jax).
   status    Describe the TPU VM (and its queued resource) and the job state on every worker.
@@ -32,7 +33,8 @@ Commands:
   babysit   Keep the job alive: poll the VM every --poll-interval seconds; if it is preempted
             or missing, delete it, create it again, set it up and rerun the job, which resumes
             from the latest checkpoint in its --workdir (use a gs:// workdir). A job that exits
-            with an error is rerun too; at most --max-restarts reruns. Stops when the job exits 0.
+            with an error is rerun too; at most --max-restarts reruns. Stops when the job exits 0
+            (so 'stop' ends a babysat job for good only if the job exits 0 on SIGTERM).
 
 Options (flags override the environment variables in brackets):
   --name=NAME            TPU VM name: lower-case letters, digits, '-'  [TPU_NAME]
@@ -52,8 +54,8 @@ Options (flags override the environment variables in brackets):
   --ref=REF              branch, tag or commit to check out after cloning
   --python=3.X           Python version of the workers' virtual environment (default 3.12)
   --env=KEY=VALUE        environment variable for the job, repeatable
-  --worker=W             worker(s) for ssh/logs/run/setup: an index, 'all', '1,3' or '0-3'
-                         (default: all for run/setup, 0 for ssh/logs)
+  --worker=W             worker(s) for ssh/logs/run/setup/stop/status: an index, 'all',
+                         '1,3' or '0-3' (default: all for run/setup/stop/status, 0 for ssh/logs)
   --lines=N              lines of log to show (default 100)
   --follow               keep following the log
   --poll-interval=SEC    babysit and queued-resource polling period (default 60)
@@ -71,6 +73,7 @@ Examples:
   $SCRIPT_NAME run -- python -m experiments.train \\
       --config=experiments/configs/multi_hop.py:paper --workdir=gs://my-bucket/multi_hop/n4
   $SCRIPT_NAME logs --follow
+  $SCRIPT_NAME stop
   $SCRIPT_NAME babysit --spot -- python -m experiments.train \\
       --config=experiments/configs/multi_hop.py:paper --workdir=gs://my-bucket/multi_hop/n4
   $SCRIPT_NAME delete
@@ -173,7 +176,7 @@ validate_common() {
   [[ $NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
     die "--name must be 1-63 characters of lower-case letters, digits and '-', starting with a letter and not ending with '-'; got '$NAME'"
   [[ -n $ZONE ]] || die "--zone (or TPU_ZONE) is required, e.g. --zone=us-central2-b"
-  [[ $ZONE =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "--zone must look like us-central2-b; got '$ZONE'"
+  [[ $ZONE =~ ^[a-z]+-[a-z]+[0-9]+-[a-z0-9]+$ ]] || die "--zone must look like us-central2-b; got '$ZONE'"
   [[ -z $PROJECT || $PROJECT =~ ^[a-z][-a-z0-9.:]{3,62}$ ]] || die "--project is not a valid project id: '$PROJECT'"
   [[ -z $WORKER || $WORKER == all || $WORKER =~ ^[0-9]+([,-][0-9]+)*$ ]] ||
     die "--worker must be 'all', an index, a list like 1,3 or a range like 0-3; got '$WORKER'"
@@ -470,6 +473,16 @@ cmd_run() {
   remote "${WORKER:-all}" "$REPLY" || return
 }
 
+cmd_stop() {
+  # The job is the child of the recording shell started by run: signal only the job, so that
+  # the shell still records its exit status.
+  local script="log=\"\$HOME/sleep_jax_logs/$NAME\"; "
+  script+='if [ -f "$log.exit" ]; then echo "no job running on $(hostname) (exited with status $(cat "$log.exit"))"; '
+  script+='elif [ -f "$log.pid" ] && pkill -TERM -P "$(cat "$log.pid")"; then echo "sent SIGTERM to the job on $(hostname)"; '
+  script+='else echo "no job running on $(hostname)"; fi'
+  remote "${WORKER:-all}" "$script"
+}
+
 cmd_logs() {
   local tail_flags="-n $LINES"
   if ((FOLLOW)); then tail_flags+=" -F"; fi
@@ -587,8 +600,8 @@ main() {
     exit 2
   }
   case $COMMAND in
-    create | setup | run | logs | ssh | status | delete | babysit) ;;
-    *) die "unknown command '$COMMAND' (one of: create setup run logs ssh status delete babysit)" ;;
+    create | setup | run | stop | logs | ssh | status | delete | babysit) ;;
+    *) die "unknown command '$COMMAND' (one of: create setup run stop logs ssh status delete babysit)" ;;
   esac
   validate_common
   if ((${#JOB[@]} > 0)) && [[ $COMMAND != run && $COMMAND != ssh && $COMMAND != babysit ]]; then
