@@ -432,7 +432,9 @@ case "$3 $4" in
   "tpu-vm describe")
     state=$(pop states READY)
     if [[ $state == MISSING ]]; then echo "ERROR: NOT_FOUND: Requested entity was not found." >&2; exit 1; fi
-    echo "$state" ;;
+    if [[ $state == FLAKY ]]; then echo "ERROR: could not reach the API" >&2; exit 1; fi
+    echo "$state"
+    echo "WARNING: a notice on stderr" >&2 ;;
   "tpu-vm ssh")
     for a in "$@"; do
       if [[ $a == --command=* ]]; then
@@ -478,10 +480,11 @@ BABYSIT = ["babysit", "--name=t", f"--zone={ZONE}", "--spot", "--poll-interval=0
 
 def test_babysit_recreates_a_preempted_vm_and_reruns_a_failed_job(fake_cloud):
     root, home, env = fake_cloud
-    (root / "states").write_text("PREEMPTED\n")
+    # An API error first: babysit must wait, not recreate a VM it merely failed to see.
+    (root / "states").write_text("FLAKY\nPREEMPTED\n")
     (home / "exit_codes").write_text("1\n0\n")  # the first run crashes, the rerun finishes
     proc = launch(*BABYSIT, env=env)
-    assert "job finished" in proc.stderr
+    assert "job finished" in proc.stderr and "t is UNKNOWN; waiting" in proc.stderr
     words = [w for w in summarize(gcloud_calls(root)) if w != "describe"]
     # Probes while the job is still running may repeat; collapse them.
     collapsed = [w for i, w in enumerate(words) if w != "probe" or i == 0 or words[i - 1] != "probe"]

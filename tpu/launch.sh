@@ -386,16 +386,16 @@ describe_state() {  # describe_state queued-resources|tpu-vm FIELD
     echo PREEMPTED
     return
   fi
-  local out rc=0
-  out=$("${GCLOUD[@]}" 2>&1) || rc=$?
+  local out errors state rc=0
+  errors=$(mktemp)
+  out=$("${GCLOUD[@]}" 2>"$errors") || rc=$?
   if ((rc == 0)); then
-    out=${out##*$'\n'}
-    echo "${out:-UNKNOWN}"
-  elif grep -qiE 'NOT_FOUND|not found' <<<"$out"; then
-    echo MISSING
-  else
-    echo UNKNOWN
+    state=${out##*$'\n'}
+  elif grep -qiE 'NOT_FOUND|not found' "$errors"; then
+    state=MISSING
   fi
+  rm -f "$errors"
+  echo "${state:-UNKNOWN}"
 }
 
 node_state() {
