@@ -71,11 +71,11 @@ Examples:
   $SCRIPT_NAME create --spot
   $SCRIPT_NAME setup
   $SCRIPT_NAME run -- python -m experiments.train \\
-      --config=experiments/configs/multi_hop.py:paper --workdir=gs://my-bucket/multi_hop/n4
+      --config=experiments/configs/multi_hop.py:PRESET --workdir=gs://my-bucket/multi_hop/n4
   $SCRIPT_NAME logs --follow
   $SCRIPT_NAME stop
   $SCRIPT_NAME babysit --spot -- python -m experiments.train \\
-      --config=experiments/configs/multi_hop.py:paper --workdir=gs://my-bucket/multi_hop/n4
+      --config=experiments/configs/multi_hop.py:PRESET --workdir=gs://my-bucket/multi_hop/n4
   $SCRIPT_NAME delete
 EOF
 }
