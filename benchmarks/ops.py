@@ -1,0 +1,267 @@
+"""Times the fast-weight op: per-token scan vs chunkwise-parallel, forward and forward+backward.
+
+Prints a table and writes JSON. Each timed call gets the next of several random input sets
+(never zeros); after compilation and warm-up, the median of ``--runs`` calls is reported,
+with ``block_until_ready`` on every output. Forward+backward is the gradient of a random
+linear functional of ``(o, final_state)`` with respect to all six inputs.
+
+FLOP counts per token per head (the chunked form, C = chunk size): ``6 Dk Dv + C (6 Dk +
+4 Dv)`` for the gated delta rule (docs/delta_rule.md derives it) and ``4 Dk Dv + 2 C (Dk +
+Dv)`` for the Hebbian rule; the per-token scan does ``6 Dk Dv`` (gated delta) or ``4 Dk Dv``
+(Hebbian). Forward+backward is counted as three forwards.
+
+On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
+``fla`` (PyTorch + Triton) can be imported.
+
+    python benchmarks/ops.py                       # default shapes for the backend
+    python benchmarks/ops.py --shapes=1x2048x4x64 --runs=9 --out=/tmp/ops.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax.ops import gated_delta_rule
+from sleep_jax.ops.gated_delta import resolve_impl
+
+_SHAPES = flags.DEFINE_list(
+    "shapes", None,
+    "Shapes as BxTxHxD (Dk = Dv = D). Default: a CPU set including 1x2048x4x64, or on "
+    "GPU/TPU B=4, H=16, D=128 with T from 1024 to 16384.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"],
+    "Dtype of q, k, v. Default float32 on CPU, bfloat16 on accelerators.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of the chunked form.")
+_RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
+_IMPLS = flags.DEFINE_list("impls", ["scan", "chunked"], "Implementations to time.")
+_MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
+_RUNS = flags.DEFINE_integer("runs", 7, "Timed calls per row (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_INPUT_SETS = flags.DEFINE_integer("input_sets", 3, "Random input sets rotated over calls.")
+_SCAN_BWD_MAX_GIB = flags.DEFINE_float(
+    "scan_bwd_max_gib", 16.0,
+    "Skip scan forward+backward when the per-token states it keeps for the backward pass "
+    "(T * B * H * Dk * Dv * 4 bytes) exceed this many GiB.")
+_OUT = flags.DEFINE_string(
+    "out", None, "JSON output path. Default benchmarks/results/ops_<backend>.json.")
+
+_CPU_SHAPES = ["1x16x4x64", "1x64x4x64", "1x256x4x64", "1x2048x4x64", "4x512x8x32"]
+_ACCEL_SHAPES = ["4x1024x16x128", "4x4096x16x128", "4x16384x16x128"]
+
+
+def _flops_per_token_head(impl: str, rule: str, dk: int, dv: int, chunk: int) -> int:
+  if impl == "scan":
+    return (6 if rule == "gated_delta" else 4) * dk * dv
+  if rule == "gated_delta":
+    return 6 * dk * dv + chunk * (6 * dk + 4 * dv)
+  return 4 * dk * dv + 2 * chunk * (dk + dv)
+
+
+def _make_inputs(rng: np.random.Generator, b: int, t: int, h: int, d: int, dtype) -> tuple:
+  """Realistic inputs: unit-norm q and k, beta in (0, 1), log_alpha in [-1, 0)."""
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  q = unit(rng.standard_normal((b, t, h, d)))
+  k = unit(rng.standard_normal((b, t, h, d)))
+  v = rng.standard_normal((b, t, h, d))
+  beta = rng.uniform(0.05, 0.95, (b, t, h))
+  log_alpha = rng.uniform(-1.0, -0.01, (b, t, h))
+  state = 0.1 * rng.standard_normal((b, h, d, d))
+  return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+          jnp.asarray(beta, jnp.float32), jnp.asarray(log_alpha, jnp.float32),
+          jnp.asarray(state, jnp.float32))
+
+
+def _build(impl: str, mode: str, rule: str, chunk: int, cotangents) -> Callable:
+  def forward(q, k, v, beta, log_alpha, state):
+    return gated_delta_rule(q, k, v, beta, log_alpha, initial_state=state, impl=impl,
+                            chunk_size=chunk, rule=rule)
+
+  if mode == "fwd":
+    return jax.jit(forward)
+
+  def functional(*args):
+    o, final_state = forward(*args)
+    return (jnp.sum(o.astype(jnp.float32) * cotangents[0])
+            + jnp.sum(final_state * cotangents[1]))
+
+  return jax.jit(jax.grad(functional, argnums=tuple(range(6))))
+
+
+def _compile(fn: Callable, args) -> tuple[Callable, float, int | None]:
+  """Compiles ``fn`` ahead of time; returns it with the compile seconds and its temporary
+  buffer bytes (None where the backend does not report them)."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  try:
+    temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # memory_analysis is not available on every backend / version
+    temp_bytes = None
+  return compiled, compile_s, temp_bytes
+
+
+def _time_calls(fn: Callable, input_sets: list, runs: int, warmup: int) -> list[float]:
+  for i in range(warmup + 1):
+    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+  times = []
+  for i in range(runs):
+    args = input_sets[i % len(input_sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _time_fla(shape, dtype_name: str, runs: int, warmup: int) -> dict[str, Any] | None:
+  """flash-linear-attention forward on the same shape, if it can be imported."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=g-import-not-at-top
+  except Exception as err:  # torch / triton / fla absent: the comparison is optional
+    return {"error": f"fla not importable: {type(err).__name__}: {err}"}
+  if not torch.cuda.is_available():
+    return {"error": "fla needs CUDA"}
+  b, t, h, d = shape
+  tdtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+  gen = torch.Generator(device="cuda").manual_seed(0)
+
+  def make():
+    q = torch.nn.functional.normalize(
+        torch.randn(b, t, h, d, device="cuda", generator=gen), dim=-1).to(tdtype)
+    k = torch.nn.functional.normalize(
+        torch.randn(b, t, h, d, device="cuda", generator=gen), dim=-1).to(tdtype)
+    v = torch.randn(b, t, h, d, device="cuda", generator=gen).to(tdtype)
+    beta = torch.rand(b, t, h, device="cuda", generator=gen).to(tdtype) * 0.9 + 0.05
+    g = -torch.rand(b, t, h, device="cuda", generator=gen) * 0.99 - 0.01
+    state = 0.1 * torch.randn(b, h, d, d, device="cuda", generator=gen)
+    return q, k, v, g, beta, state
+
+  sets = [make() for _ in range(3)]
+
+  def call(args):
+    q, k, v, g, beta, state = args
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale=d ** -0.5, initial_state=state,
+                                  output_final_state=True)
+
+  try:
+    for i in range(warmup + 1):
+      call(sets[i % 3])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(runs):
+      start = time.perf_counter()
+      call(sets[i % 3])
+      torch.cuda.synchronize()
+      times.append(time.perf_counter() - start)
+  except Exception as err:  # version mismatch with the installed Triton, etc.
+    return {"error": f"fla call failed: {type(err).__name__}: {err}"}
+  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+  parts = text.lower().split("x")
+  if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--shapes entries must be BxTxHxD with positive ints, got {text!r}.")
+  return tuple(int(p) for p in parts)
+
+
+def main(argv):
+  del argv
+  backend = jax.default_backend()
+  accelerator = backend != "cpu"
+  shapes = [_parse_shape(s) for s in (_SHAPES.value or
+                                       (_ACCEL_SHAPES if accelerator else _CPU_SHAPES))]
+  dtype_name = _DTYPE.value or ("bfloat16" if accelerator else "float32")
+  dtype = jnp.dtype(dtype_name)
+  for name in _IMPLS.value:
+    if name not in ("scan", "chunked", "auto"):
+      raise ValueError(f"--impls entries must be scan, chunked or auto, got {name!r}.")
+  for name in _MODES.value:
+    if name not in ("fwd", "fwdbwd"):
+      raise ValueError(f"--modes entries must be fwd or fwdbwd, got {name!r}.")
+  if _RUNS.value < 1 or _INPUT_SETS.value < 1 or _WARMUP.value < 0:
+    raise ValueError("--runs and --input_sets must be >= 1 and --warmup >= 0.")
+  out_path = _OUT.value or os.path.join("benchmarks", "results", f"ops_{backend}.json")
+
+  rng = np.random.default_rng(0)
+  rows = []
+  print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype_name} "
+        f"rule={_RULE.value} chunk={_CHUNK.value} jax={jax.__version__}")
+  header = (f"{'B':>3} {'T':>6} {'H':>3} {'D':>4} {'impl':>8} {'mode':>7} "
+            f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'temp MiB':>9}")
+  print(header)
+  for shape in shapes:
+    b, t, h, d = shape
+    input_sets = [_make_inputs(rng, b, t, h, d, dtype) for _ in range(_INPUT_SETS.value)]
+    cotangents = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
+                  jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
+    for mode in _MODES.value:
+      for impl in _IMPLS.value:
+        row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
+               "dtype": dtype_name, "rule": _RULE.value, "chunk_size": _CHUNK.value}
+        kept_gib = t * b * h * d * d * 4 / 2 ** 30
+        if impl == "scan" and mode == "fwdbwd" and kept_gib > _SCAN_BWD_MAX_GIB.value:
+          row["skipped"] = f"scan backward would keep {kept_gib:.1f} GiB of states"
+          rows.append(row)
+          print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  skipped ({row['skipped']})")
+          continue
+        fn, compile_s, temp_bytes = _compile(
+            _build(impl, mode, _RULE.value, _CHUNK.value, cotangents), input_sets[0])
+        times = _time_calls(fn, input_sets, _RUNS.value, _WARMUP.value)
+        median = statistics.median(times)
+        flop_impl = resolve_impl(impl)
+        flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
+                 * _flops_per_token_head(flop_impl, _RULE.value, d, d, min(_CHUNK.value, t)))
+        row.update(median_ms=1e3 * median, min_ms=1e3 * min(times), runs=len(times),
+                   compile_s=compile_s, flops=flops, gflops_per_s=flops / median / 1e9,
+                   temp_bytes=temp_bytes)
+        rows.append(row)
+        temp = "" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2 ** 20:9.1f}"
+        print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
+              f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9}")
+    if accelerator and _RULE.value == "gated_delta":
+      fla = _time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
+      row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": "fla", "mode": "fwd",
+             "dtype": dtype_name, "rule": _RULE.value, **fla}
+      rows.append(row)
+      if "median_ms" in fla:
+        print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7} {fla['median_ms']:>10.2f} "
+              f"{fla['min_ms']:>9.2f}")
+      else:
+        print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7}  {fla['error']}")
+
+  ratios = []
+  for shape in shapes:
+    for mode in _MODES.value:
+      found = {r["impl"]: r for r in rows if (r["B"], r["T"], r["H"], r["Dk"]) == shape
+               and r["mode"] == mode and "median_ms" in r}
+      if "scan" in found and "chunked" in found:
+        ratio = found["scan"]["median_ms"] / found["chunked"]["median_ms"]
+        ratios.append({"shape": "x".join(map(str, shape)), "mode": mode,
+                       "scan_over_chunked": ratio})
+  print("\nscan time / chunked time (>1: chunked faster)")
+  for r in ratios:
+    print(f"  {r['shape']:>16} {r['mode']:>7} {r['scan_over_chunked']:6.2f}x")
+
+  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump({"backend": backend, "device": jax.devices()[0].device_kind,
+               "jax_version": jax.__version__, "rows": rows, "ratios": ratios}, f, indent=1)
+  print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
