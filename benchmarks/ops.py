@@ -171,6 +171,13 @@ def _time_fla(shape, dtype_name: str, runs: int, warmup: int) -> dict[str, Any] 
   return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
 
 
+def _write_json(path: str, rows: list, ratios: list) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+               "jax_version": jax.__version__, "rows": rows, "ratios": ratios}, f, indent=1)
+
+
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
   parts = text.lower().split("x")
   if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -232,6 +239,7 @@ def main(argv):
         temp = "" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2 ** 20:9.1f}"
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
               f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9}")
+    _write_json(out_path, rows, [])   # partial results survive a later failure
     if accelerator and _RULE.value == "gated_delta":
       fla = _time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
       row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": "fla", "mode": "fwd",
@@ -256,10 +264,7 @@ def main(argv):
   for r in ratios:
     print(f"  {r['shape']:>16} {r['mode']:>7} {r['scan_over_chunked']:6.2f}x")
 
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w", encoding="utf-8") as f:
-    json.dump({"backend": backend, "device": jax.devices()[0].device_kind,
-               "jax_version": jax.__version__, "rows": rows, "ratios": ratios}, f, indent=1)
+  _write_json(out_path, rows, ratios)
   print(f"wrote {out_path}")
 
 

@@ -85,10 +85,11 @@ def _matmul_f32(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _diagonal_blocks(x: jax.Array, size: int) -> jax.Array:
-  """[..., m, m] -> [..., m // size, size, size]: the diagonal blocks of x."""
+  """[n, m, m] -> [n * (m // size), size, size]: the diagonal blocks of each matrix,
+  taken by static slices (plain for every compiler) and kept in one batch axis."""
   m = x.shape[-1]
-  blocks = x.reshape(x.shape[:-2] + (m // size, size, m // size, size))
-  return jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+  blocks = [x[:, i:i + size, i:i + size] for i in range(0, m, size)]
+  return jnp.stack(blocks, axis=1).reshape((-1, size, size))
 
 
 # Diagonal blocks up to this size are inverted with the nilpotent product formula; larger
@@ -107,16 +108,17 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
   Every product runs at HIGHEST precision: with TF32/bf16 passes an explicit inverse
   loses accuracy on accelerators.
   """
-  m = a.shape[-1]
-  a = jnp.tril(a, -1)
+  batch_shape, m = a.shape[:-2], a.shape[-1]
+  # One batch axis keeps every product a plain batched matmul.
+  a = jnp.tril(a, -1).reshape((-1, m, m))
   base = min(_BASE_BLOCK, 1 << max(m - 1, 0).bit_length())
   size = base
   while size < m:
     size *= 2
   if size != m:
     # Zero padding extends I + a by an identity block, whose inverse is the identity.
-    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, size - m), (0, size - m)])
-  batch = a.shape[:-2]
+    a = jnp.pad(a, [(0, 0), (0, size - m), (0, size - m)])
+  num = a.shape[0]
 
   nilpotent = -_diagonal_blocks(a, base)
   blocks = jnp.eye(base, dtype=a.dtype) + nilpotent
@@ -128,16 +130,16 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
 
   width = base
   while width < size:
-    pairs = size // (2 * width)
-    lower_left = _diagonal_blocks(a, 2 * width)[..., width:, :width]
-    halves = blocks.reshape(batch + (pairs, 2, width, width))
-    top_inv, bottom_inv = halves[..., 0, :, :], halves[..., 1, :, :]
+    # blocks: [num * pairs * 2, width, width], the inverted diagonal blocks in order.
+    lower_left = _diagonal_blocks(a, 2 * width)[:, width:, :width]
+    halves = blocks.reshape((-1, 2, width, width))
+    top_inv, bottom_inv = halves[:, 0], halves[:, 1]
     merged = -_matmul_f32(_matmul_f32(bottom_inv, lower_left), top_inv)
     blocks = jnp.concatenate(
         [jnp.concatenate([top_inv, jnp.zeros_like(merged)], axis=-1),
          jnp.concatenate([merged, bottom_inv], axis=-1)], axis=-2)
     width *= 2
-  return blocks[..., 0, :m, :m]
+  return blocks.reshape((num, size, size))[:, :m, :m].reshape(batch_shape + (m, m))
 
 
 @unit_lower_inverse.defjvp
