@@ -17,6 +17,7 @@ Two kinds of memory cross tokens:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax
@@ -93,8 +94,8 @@ def init_cache(params: Params, batch_size: int, capacity: Optional[int] = None) 
   layers = []
   for kind, _ in cfg.block_kinds:
     if kind == "attention":
-      kv = jnp.zeros((batch_size, capacity, h, d), dt)
-      layers.append({"k": kv, "v": kv})
+      layers.append({"k": jnp.zeros((batch_size, capacity, h, d), dt),
+                     "v": jnp.zeros((batch_size, capacity, h, d), dt)})
     else:
       layers.append({"conv": jnp.zeros((batch_size, cfg.conv_size - 1, 3 * h * d), dt)})
   return WindowCache(layers=tuple(layers), length=jnp.zeros((), jnp.int32), capacity=capacity)
@@ -132,6 +133,7 @@ def forward_pass(params: Params, h: Array, state: tuple, cache: Optional[WindowC
   return h, state, cache.replace(layers=layers, length=cache.length + h.shape[1])
 
 
+@jax.jit
 def evict(params: Params, cache: WindowCache) -> WindowCache:
   """The window cache after an eviction boundary.
 
@@ -207,6 +209,7 @@ def run_passes(params: Params, h: Array, state: tuple, prefix: Optional[WindowCa
   return scan(carry, n)
 
 
+@functools.partial(jax.jit, static_argnums=4, static_argnames="grad_passes")
 def sleep_window(params: Params, state: tuple, cache: WindowCache, ctx: Array, n: int, *,
                  grad_passes: Optional[int] = None):
   """Sleeps on a window that sits behind `cache` (its window cache at the window's start).
@@ -241,6 +244,11 @@ def sleep(params: Params, state: tuple, ctx: Array, n: int) -> tuple:
   _check_state("sleep", state, cfg, ctx.shape[0])
   if n == 0:
     return state
+  return _sleep(params, state, ctx, n)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _sleep(params: Params, state: tuple, ctx: Array, n: int) -> tuple:
   _, state, _ = run_passes(params, embed(params, ctx), state, None, n)
   return state
 
@@ -265,6 +273,11 @@ def wake(params: Params, state: tuple, cache: WindowCache, tokens: Array):
   _check_tokens("wake", "tokens", tokens, cfg)
   _check_state("wake", state, cfg, tokens.shape[0])
   _check_cache("wake", cache, cfg, tokens.shape[0], tokens.shape[1])
+  return _wake(params, state, cache, tokens)
+
+
+@jax.jit
+def _wake(params: Params, state: tuple, cache: WindowCache, tokens: Array):
   logits, _, state, cache = wake_hidden(params, state, cache, tokens)
   return logits, state, cache
 

@@ -14,6 +14,7 @@ rematerialised per the config's policy) unless `grad_passes` truncates them.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -88,15 +89,10 @@ def loss(params: Params, batch: dict, n: int, *,
     raise ValueError(f"loss: grad_passes must be None (full BPTT) or an int in [1, n={n}], "
                      f"got {grad_passes!r}")
   b, seq = tokens.shape
-
   if cfg.eviction == "none":
     if n != 1:
       raise ValueError("loss: ModelConfig.eviction='none' has no boundary to sleep at; use n=1")
-    state = model_lib.init_state(params, b)
-    h, _, _ = model_lib.forward_pass(params, model_lib.embed(params, tokens), state, None)
-    sums = _token_stats(model_lib.logits_from_hidden(params, h), targets, mask)
-    return _finish(sums)
-
+    return _loss(params, tokens, targets, mask, 1, None, None)
   L = cfg.window
   num_windows = seq // L
   if consolidation_windows is None:
@@ -105,6 +101,21 @@ def loss(params: Params, batch: dict, n: int, *,
   if len(consolidation_windows) != num_windows:
     raise ValueError(f"loss: consolidation_windows has {len(consolidation_windows)} entries but "
                      f"the batch has {num_windows} windows of {L} tokens")
+  return _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
+  cfg = params.config
+  b, seq = tokens.shape
+  if cfg.eviction == "none":
+    state = model_lib.init_state(params, b)
+    h, _, _ = model_lib.forward_pass(params, model_lib.embed(params, tokens), state, None)
+    sums = _token_stats(model_lib.logits_from_hidden(params, h), targets, mask)
+    return _finish(sums)
+
+  L = cfg.window
+  num_windows = seq // L
 
   def to_windows(x):
     return x.reshape(b, num_windows, L).swapaxes(0, 1)  # [W b L]

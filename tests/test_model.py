@@ -1,0 +1,304 @@
+"""Semantics of the public API: sleep, wake, loss, streaming, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sleep_jax as sj
+from sleep_jax import model as model_lib
+from sleep_jax.streaming import Stream
+
+VOCAB, L, B = 13, 8, 2
+
+
+def make(layout="AG", eviction="hard", rule="gated_delta", seed=0, **kw):
+  cfg = sj.ModelConfig(vocab_size=VOCAB, d_model=32, num_heads=2, layout=layout, window=L,
+                       eviction=eviction, rule=rule, **kw)
+  return sj.init(cfg, jax.random.key(seed))
+
+
+def tokens(shape, seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB, dtype=jnp.int32)
+
+
+def max_diff(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+             for x, y in zip(la, lb))
+
+
+def assert_close(a, b, tol=2e-5):
+  """Relative error with an absolute floor, over whole pytrees."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol * max(1.0, float(np.abs(y).max())))
+
+
+# ----------------------------------------------------------------------------- wake / sleep
+
+
+@pytest.mark.parametrize("layout,eviction,rule", [
+    ("AGAG", "hard", "gated_delta"),
+    ("gA", "sliding", "gated_delta"),
+    ("G", "hard", "hebbian"),
+])
+def test_window_one_call_equals_token_by_token_equals_sleep_n1(layout, eviction, rule):
+  params = make(layout, eviction, rule)
+  ctx = tokens((B, L))
+  state0 = sj.init_state(params, B)
+  logits, state_one, cache_one = sj.wake(params, state0, sj.init_cache(params, B), ctx)
+
+  state, cache, per_token = state0, sj.init_cache(params, B), []
+  for i in range(L):
+    step_logits, state, cache = sj.wake(params, state, cache, ctx[:, i:i + 1])
+    per_token.append(step_logits)
+  assert_close(jnp.concatenate(per_token, axis=1), logits)
+  assert_close(state, state_one)
+  assert int(cache.length) == int(cache_one.length) == L
+  assert_close(sj.sleep(params, state0, ctx, 1), state_one)
+  # The state is not trivially zero: the window was written into it.
+  assert max_diff(state_one, state0) > 1e-3
+
+
+def test_sleep_n_passes_equals_python_loop_and_n0_is_identity():
+  params = make()
+  ctx = tokens((B, L))
+  state0 = jax.tree.map(lambda s: None if s is None else 0.1 * jnp.ones_like(s),
+                        sj.init_state(params, B), is_leaf=lambda x: x is None)
+  assert sj.sleep(params, state0, ctx, 0) is state0
+  h, state = model_lib.embed(params, ctx), state0
+  for n in range(1, 5):
+    h, state, _ = model_lib.forward_pass(params, h, state, None)
+    assert_close(sj.sleep(params, state0, ctx, n), state)
+  assert max_diff(sj.sleep(params, state0, ctx, 4), sj.sleep(params, state0, ctx, 1)) > 1e-3
+
+
+def test_sleep_is_jittable_and_differentiable_in_the_state():
+  params = make()
+  ctx = tokens((B, L))
+  state0 = sj.init_state(params, B)
+  jitted = jax.jit(sj.sleep, static_argnums=3)
+  assert_close(jitted(params, state0, ctx, 3), sj.sleep(params, state0, ctx, 3))
+  grads = jax.grad(lambda s: jnp.sum(sj.sleep(params, s, ctx, 2)[1] ** 2))(state0)
+  assert float(jnp.sum(jnp.abs(grads[1]))) > 0 and bool(jnp.all(jnp.isfinite(grads[1])))
+
+
+def test_bfloat16_compute_keeps_float32_state():
+  params = make(dtype="bfloat16")
+  state = sj.sleep(params, sj.init_state(params, B), tokens((B, L)), 2)
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state))
+  reference = sj.sleep(make(dtype="float32"), sj.init_state(params, B), tokens((B, L)), 2)
+  assert_close(state, reference, tol=5e-2)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _reference_stream(params, stream_tokens, n):
+  """The plain definition, composed from the public functions window by window."""
+  cfg = params.config
+  state, cache = sj.init_state(params, B), sj.init_cache(params, B)
+  logits = []
+  for start in range(0, stream_tokens.shape[1], L):
+    window = stream_tokens[:, start:start + L]
+    window_logits, woken, _ = sj.wake(params, state, cache, window)
+    logits.append(window_logits)
+    if window.shape[1] == L:
+      state, cache = sj.sleep_window(params, state, cache, window, n)
+    else:
+      state = woken
+  return jnp.concatenate(logits, axis=1), state
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_stream_shortcut_equals_plain_definition(eviction):
+  params = make("AG", eviction)
+  stream_tokens = tokens((B, 3 * L + 3), seed=3)
+  ref_logits, ref_state = _reference_stream(params, stream_tokens, 3)
+  for shortcut in (True, False):
+    stream = Stream(params, B, 3, shortcut=shortcut)
+    # Uneven chunks that cross boundaries, then single tokens.
+    got = [stream.feed(stream_tokens[:, :5]), stream.feed(stream_tokens[:, 5:L + 7])]
+    got += [stream.feed(stream_tokens[:, i:i + 1]) for i in range(L + 7, stream_tokens.shape[1])]
+    assert_close(jnp.concatenate(got, axis=1), ref_logits, tol=1e-4)
+    assert_close(stream.state, ref_state, tol=1e-4)
+    assert stream.windows_slept == 3 and stream.tokens_seen == stream_tokens.shape[1]
+
+
+def test_sliding_eviction_attends_to_the_previous_window_hard_does_not():
+  """Under sliding eviction an attention-only model sees the retained L - 1 tokens."""
+  for eviction, sees_previous in (("hard", False), ("sliding", True)):
+    params = make("AA", eviction)
+    first, second = tokens((B, L), seed=4), tokens((B, L), seed=5)
+    other_first = first.at[:, -1].set((first[:, -1] + 1) % VOCAB)
+    outs = []
+    for w0 in (first, other_first):
+      stream = Stream(params, B, 1)
+      stream.feed(w0)
+      outs.append(stream.feed(second))
+    assert (max_diff(outs[0], outs[1]) > 1e-4) == sees_previous
+
+
+def test_stream_generate_greedy_matches_argmax_of_feed():
+  params = make()
+  prompt = tokens((B, 5), seed=6)
+  generated = Stream(params, B, 2).generate(prompt, 2 * L)
+  stream = Stream(params, B, 2)
+  logits = stream.feed(prompt)[:, -1]
+  for i in range(2 * L):
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    np.testing.assert_array_equal(np.asarray(token), generated[:, i])
+    logits = stream.feed(token[:, None])[:, -1]
+  sampled = Stream(params, B, 2).generate(prompt, 4, temperature=1.0, rng=jax.random.key(0),
+                                          top_k=3)
+  assert sampled.shape == (B, 4) and sampled.min() >= 0 and sampled.max() < VOCAB
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _batch(num_windows, supervised_windows, seed=7):
+  T = num_windows * L
+  toks = tokens((B, T), seed=seed)
+  targets = tokens((B, T), seed=seed + 1)
+  mask = np.zeros((B, T), bool)
+  for w in supervised_windows:
+    mask[:, w * L + 2:w * L + 5] = True
+  mask[1, (supervised_windows[-1] * L + 4)] = False  # uneven supervision per example
+  return {"tokens": toks, "targets": targets, "loss_mask": jnp.asarray(mask)}
+
+
+def _hand_rolled_loss(params, batch, n):
+  cfg = params.config
+  state, cache = sj.init_state(params, B), sj.init_cache(params, B)
+  nll, correct, count = 0.0, 0.0, 0.0
+  wrong = np.zeros(B)
+  for w in range(batch["tokens"].shape[1] // L):
+    sl = slice(w * L, (w + 1) * L)
+    ctx, tgt, msk = batch["tokens"][:, sl], batch["targets"][:, sl], np.asarray(batch["loss_mask"][:, sl])
+    if not msk.any():
+      state, cache = sj.sleep_window(params, state, cache, ctx, n)
+      continue
+    logits, state, grown = sj.wake(params, state, cache, ctx)
+    cache = sj.evict(params, grown)
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+    tgt = np.asarray(tgt)
+    picked = np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    nll += float(-(picked * msk).sum())
+    hit = (logp.argmax(-1) == tgt) & msk
+    correct += hit.sum()
+    count += msk.sum()
+    wrong += (msk & ~hit).sum(-1)
+  return nll / count, correct / count, float(np.mean(wrong == 0))
+
+
+@pytest.mark.parametrize("eviction,n", [("hard", 1), ("hard", 3), ("sliding", 2)])
+def test_loss_equals_hand_rolled_windows(eviction, n):
+  params = make("AG", eviction)
+  batch = _batch(4, [2, 3])
+  value, metrics = sj.loss(params, batch, n)
+  ref_loss, ref_acc, ref_exact = _hand_rolled_loss(params, batch, n)
+  np.testing.assert_allclose(float(value), ref_loss, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["accuracy"]), ref_acc, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["exact"]), ref_exact, rtol=1e-6)
+  assert int(metrics["supervised_tokens"]) == int(np.asarray(batch["loss_mask"]).sum())
+
+
+def test_loss_under_jit_needs_static_layout_and_gives_finite_gradients():
+  params = make()
+  batch = _batch(3, [2])
+  layout = (True, True, False)
+  step = jax.jit(jax.value_and_grad(
+      lambda p, b: sj.loss(p, b, 2, consolidation_windows=layout)[0]))
+  value, grads = step(params, batch)
+  np.testing.assert_allclose(float(value), float(sj.loss(params, batch, 2)[0]), rtol=1e-5)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="consolidation_windows"):
+    jax.jit(lambda p, b: sj.loss(p, b, 2)[0])(params, batch)
+
+
+def test_truncated_bptt_changes_gradients_only_when_truncating():
+  params = make()
+  batch = _batch(3, [2])
+
+  def grads(k):
+    return jax.grad(lambda p: sj.loss(p, batch, 3, grad_passes=k)[0])(params)
+
+  full, truncated = grads(None), grads(1)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(truncated))
+  assert max_diff(truncated, full) > 1e-6
+  # Same forward value either way.
+  np.testing.assert_allclose(float(sj.loss(params, batch, 3, grad_passes=1)[0]),
+                             float(sj.loss(params, batch, 3)[0]), rtol=1e-6)
+
+
+def test_hard_eviction_prediction_depends_on_the_past_only_through_the_state():
+  batch = _batch(3, [2])
+  changed = dict(batch, tokens=batch["tokens"].at[:, 3].set((batch["tokens"][:, 3] + 1) % VOCAB))
+  # A hybrid: the changed consolidated token changes the state, hence the loss.
+  hybrid = make("AG")
+  s1 = sj.sleep(hybrid, sj.init_state(hybrid, B), batch["tokens"][:, :L], 2)
+  s2 = sj.sleep(hybrid, sj.init_state(hybrid, B), changed["tokens"][:, :L], 2)
+  assert max_diff(s1, s2) > 1e-4
+  assert abs(float(sj.loss(hybrid, batch, 2)[0]) - float(sj.loss(hybrid, changed, 2)[0])) > 1e-6
+  # Same state, same window: identical logits, whatever came before.
+  pred = batch["tokens"][:, 2 * L:]
+  a = sj.wake(hybrid, s1, sj.init_cache(hybrid, B), pred)[0]
+  b = sj.wake(hybrid, jax.tree.map(jnp.copy, s1), sj.init_cache(hybrid, B), pred)[0]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Attention only under hard eviction has no state: earlier windows cannot matter at all.
+  transformer = make("AA")
+  assert float(sj.loss(transformer, batch, 2)[0]) == float(sj.loss(transformer, changed, 2)[0])
+
+
+def test_no_eviction_is_plain_causal_model():
+  params = make("AG", "none")
+  batch = _batch(2, [1])
+  value, _ = sj.loss(params, batch, 1)
+  cache = sj.init_cache(params, B, capacity=2 * L)
+  logits, _, _ = sj.wake(params, sj.init_state(params, B), cache, batch["tokens"])
+  logp = jax.nn.log_softmax(logits)
+  picked = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  mask = batch["loss_mask"]
+  np.testing.assert_allclose(float(value), float(-(picked * mask).sum() / mask.sum()), rtol=1e-5)
+  with pytest.raises(ValueError, match="eviction"):
+    sj.sleep(params, sj.init_state(params, B), batch["tokens"][:, :L], 2)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("field,value", [
+    ("vocab_size", 0), ("d_model", -1), ("num_heads", 3), ("layout", "AXG"), ("layout", ""),
+    ("window", 0), ("eviction", "soft"), ("rule", "oja"), ("dtype", "int8"), ("remat", "all"),
+    ("delta_impl", "fast"), ("chunk_size", 0), ("attention_impl", "flash"), ("conv_size", 0),
+])
+def test_config_validation_names_the_field(field, value):
+  kwargs = dict(vocab_size=VOCAB, d_model=32, num_heads=2)
+  kwargs[field] = value
+  with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+    sj.ModelConfig(**kwargs)
+
+
+def test_input_validation_messages():
+  params = make()
+  state = sj.init_state(params, B)
+  with pytest.raises(ValueError, match="one window"):
+    sj.sleep(params, state, tokens((B, L + 1)), 2)
+  with pytest.raises(ValueError, match="integer token ids"):
+    sj.sleep(params, state, jnp.zeros((B, L), jnp.float32), 2)
+  with pytest.raises(ValueError, match=">= 0"):
+    sj.sleep(params, state, tokens((B, L)), -1)
+  with pytest.raises(ValueError, match="state\\[1\\]"):
+    sj.sleep(params, sj.init_state(params, B + 1), tokens((B, L)), 1)
+  with pytest.raises(ValueError, match="do not fit"):
+    sj.wake(params, state, sj.init_cache(params, B), tokens((B, L + 1)))
+  with pytest.raises(ValueError, match="multiple of"):
+    sj.loss(params, {"tokens": tokens((B, L + 2)), "targets": tokens((B, L + 2)),
+                     "loss_mask": jnp.ones((B, L + 2), bool)}, 1)
+  with pytest.raises(ValueError, match="grad_passes"):
+    sj.loss(params, _batch(2, [1]), 2, grad_passes=3)
+  with pytest.raises(TypeError, match="sleep_jax.init"):
+    sj.sleep({"not": "params"}, state, tokens((B, L)), 1)
