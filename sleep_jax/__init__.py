@@ -20,10 +20,11 @@ from sleep_jax.model import sleep
 from sleep_jax.model import sleep_window
 from sleep_jax.model import wake
 from sleep_jax.objective import loss
+from sleep_jax.objective import score
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig", "Params", "WindowCache", "evict", "init", "init_cache", "init_state", "loss",
-    "ops", "sleep", "sleep_window", "wake",
+    "ops", "score", "sleep", "sleep_window", "wake",
 ]

@@ -78,41 +78,52 @@ def loss(params: Params, batch: dict, n: int, *,
     (loss, metrics) with metrics `loss`, `accuracy` (supervised tokens), `exact` (fraction of
     examples whose supervised tokens are all right) and `supervised_tokens`.
   """
+  tokens, targets, mask, layout = _prepare("loss", params, batch, n, grad_passes,
+                                           consolidation_windows)
+  return _loss(params, tokens, targets, mask, n, layout, grad_passes)
+
+
+def _prepare(fn, params, batch, n, grad_passes, consolidation_windows):
+  """Validates the arguments of loss / score; returns tokens, targets, mask and the static layout."""
   model_lib._check_params(params)
   cfg = params.config
-  tokens, targets, mask = _check_batch(batch, cfg)
+  tokens, targets, mask = _check_batch(fn, batch, cfg)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"loss: n (sleep passes per consolidation window) must be an int >= 1, "
+    raise ValueError(f"{fn}: n (sleep passes per consolidation window) must be an int >= 1, "
                      f"got {n!r}")
   if grad_passes is not None and (isinstance(grad_passes, bool) or not isinstance(grad_passes, int)
                                   or not 1 <= grad_passes <= n):
-    raise ValueError(f"loss: grad_passes must be None (full BPTT) or an int in [1, n={n}], "
+    raise ValueError(f"{fn}: grad_passes must be None (full BPTT) or an int in [1, n={n}], "
                      f"got {grad_passes!r}")
-  b, seq = tokens.shape
   if cfg.eviction == "none":
     if n != 1:
-      raise ValueError("loss: ModelConfig.eviction='none' has no boundary to sleep at; use n=1")
-    return _loss(params, tokens, targets, mask, 1, None, None)
+      raise ValueError(f"{fn}: ModelConfig.eviction='none' has no boundary to sleep at; use n=1")
+    return tokens, targets, mask, None
   L = cfg.window
-  num_windows = seq // L
+  num_windows = tokens.shape[1] // L
   if consolidation_windows is None:
     consolidation_windows = window_layout(mask, num_windows, L)
   consolidation_windows = tuple(bool(c) for c in consolidation_windows)
   if len(consolidation_windows) != num_windows:
-    raise ValueError(f"loss: consolidation_windows has {len(consolidation_windows)} entries but "
+    raise ValueError(f"{fn}: consolidation_windows has {len(consolidation_windows)} entries but "
                      f"the batch has {num_windows} windows of {L} tokens")
-  return _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes)
+  return tokens, targets, mask, consolidation_windows
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
+def _process_windows(params, tokens, extras, n, consolidation_windows, grad_passes, readout):
+  """Algorithm 1's loop over windows.
+
+  Consolidation windows are slept on (n passes); prediction windows get one pass and
+  `readout(logits [b L vocab], *extras_of_the_window)`. Returns `[(start, stop, outputs)]` for the
+  runs of prediction windows, `outputs` stacked over the run's windows.
+  """
   cfg = params.config
   b, seq = tokens.shape
   if cfg.eviction == "none":
     state = model_lib.init_state(params, b)
     h, _, _ = model_lib.forward_pass(params, model_lib.embed(params, tokens), state, None)
-    sums = _token_stats(model_lib.logits_from_hidden(params, h), targets, mask)
-    return _finish(sums)
+    out = readout(model_lib.logits_from_hidden(params, h), *extras)
+    return [(0, 1, jax.tree.map(lambda x: x[None], out))]
 
   L = cfg.window
   num_windows = seq // L
@@ -120,10 +131,8 @@ def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
   def to_windows(x):
     return x.reshape(b, num_windows, L).swapaxes(0, 1)  # [W b L]
 
-  tokens_w, targets_w, mask_w = map(to_windows, (tokens, targets, mask))
+  tokens_w, extras_w = to_windows(tokens), tuple(map(to_windows, extras))
   sliding = cfg.eviction == "sliding"
-  state = model_lib.init_state(params, b)
-  cache = model_lib.init_cache(params, b) if sliding else None
 
   def consolidate(carry, ctx):
     state, cache = carry
@@ -133,7 +142,7 @@ def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
 
   def predict(carry, window):
     state, cache = carry
-    ctx, tgt, msk = window
+    ctx, window_extras = window
 
     def one_pass(h, state):
       h, state, final = model_lib.forward_pass(params, h, state, cache)
@@ -141,19 +150,66 @@ def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
 
     logits, state, final = model_lib.remat(cfg, one_pass)(model_lib.embed(params, ctx), state)
     carry = (state, model_lib.evict(params, final) if sliding else None)
-    return carry, _token_stats(logits, tgt, msk)
+    return carry, readout(logits, *window_extras)
 
-  zeros = jnp.zeros((b,), jnp.float32)
-  sums = (zeros, zeros, zeros, zeros)
-  carry = (state, cache)
+  carry = (model_lib.init_state(params, b), model_lib.init_cache(params, b) if sliding else None)
+  results = []
   for is_consolidation, start, stop in _segments(consolidation_windows):
     if is_consolidation:
       carry, _ = jax.lax.scan(consolidate, carry, tokens_w[start:stop])
     else:
-      carry, stats = jax.lax.scan(
-          predict, carry, (tokens_w[start:stop], targets_w[start:stop], mask_w[start:stop]))
-      sums = tuple(acc + s.sum(axis=0) for acc, s in zip(sums, stats))
+      window_extras = tuple(x[start:stop] for x in extras_w)
+      carry, out = jax.lax.scan(predict, carry, (tokens_w[start:stop], window_extras))
+      results.append((start, stop, out))
+  return results
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _loss(params, tokens, targets, mask, n, consolidation_windows, grad_passes):
+  b = tokens.shape[0]
+  zeros = jnp.zeros((b,), jnp.float32)
+  sums = (zeros, zeros, zeros, zeros)
+  runs = _process_windows(params, tokens, (targets, mask), n, consolidation_windows, grad_passes,
+                          _token_stats)
+  for _, _, stats in runs:
+    sums = tuple(acc + s.sum(axis=0) for acc, s in zip(sums, stats))
   return _finish(sums)
+
+
+def score(params: Params, batch: dict, n: int, *,
+          consolidation_windows: Optional[Sequence[bool]] = None):
+  """Per-token predictions and losses under Algorithm 1's forward (for evaluation).
+
+  Returns `(predictions int32 [b T], token_loss float32 [b T])`: the argmax and the cross-entropy
+  of the target at every position of the prediction windows (zeros in consolidation windows).
+  The signature of the arrays matches `task.evaluate`'s `score_fn`.
+  """
+  tokens, targets, mask, layout = _prepare("score", params, batch, n, None,
+                                           consolidation_windows)
+  return _score(params, tokens, targets, n, layout)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _score(params, tokens, targets, n, consolidation_windows):
+  b, seq = tokens.shape
+
+  def readout(logits, tgt):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), nll
+
+  runs = _process_windows(params, tokens, (targets,), n, consolidation_windows, None, readout)
+  if params.config.eviction == "none":
+    predictions, nll = runs[0][2]
+    return predictions[0], nll[0]
+  L = params.config.window
+  predictions = jnp.zeros((seq // L, b, L), jnp.int32)
+  token_loss = jnp.zeros((seq // L, b, L), jnp.float32)
+  for start, stop, (pred, nll) in runs:
+    predictions = predictions.at[start:stop].set(pred)
+    token_loss = token_loss.at[start:stop].set(nll)
+  unwindow = lambda x: x.swapaxes(0, 1).reshape(b, seq)
+  return unwindow(predictions), unwindow(token_loss)
 
 
 def _finish(sums):
@@ -168,20 +224,20 @@ def _finish(sums):
   return value, metrics
 
 
-def _check_batch(batch, cfg):
+def _check_batch(fn, batch, cfg):
   if not isinstance(batch, dict) or not {"tokens", "targets", "loss_mask"} <= set(batch):
     got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise ValueError(f"loss: batch must be a dict with tokens, targets and loss_mask; got {got}")
+    raise ValueError(f"{fn}: batch must be a dict with tokens, targets and loss_mask; got {got}")
   tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
-  model_lib._check_tokens("loss", "batch['tokens']", tokens, cfg)
+  model_lib._check_tokens(fn, "batch['tokens']", tokens, cfg)
   if getattr(targets, "shape", None) != tokens.shape or getattr(mask, "shape", None) != tokens.shape:
-    raise ValueError(f"loss: tokens, targets and loss_mask must share one shape [batch, T]; got "
+    raise ValueError(f"{fn}: tokens, targets and loss_mask must share one shape [batch, T]; got "
                      f"{tokens.shape}, {getattr(targets, 'shape', None)}, "
                      f"{getattr(mask, 'shape', None)}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f"loss: batch['targets'] must be integer token ids, got {targets.dtype}")
+    raise ValueError(f"{fn}: batch['targets'] must be integer token ids, got {targets.dtype}")
   if cfg.eviction != "none" and tokens.shape[1] % cfg.window:
-    raise ValueError(f"loss: sequence length {tokens.shape[1]} is not a multiple of "
+    raise ValueError(f"{fn}: sequence length {tokens.shape[1]} is not a multiple of "
                      f"ModelConfig.window={cfg.window}; pad the examples to a multiple of the "
                      "window (tasks do) or change the window")
   return tokens, targets, jnp.asarray(mask).astype(bool)

@@ -204,6 +204,13 @@ def test_loss_equals_hand_rolled_windows(eviction, n):
   np.testing.assert_allclose(float(metrics["accuracy"]), ref_acc, rtol=1e-6)
   np.testing.assert_allclose(float(metrics["exact"]), ref_exact, rtol=1e-6)
   assert int(metrics["supervised_tokens"]) == int(np.asarray(batch["loss_mask"]).sum())
+  # score: the same forward, per token.
+  predictions, token_loss = sj.score(params, batch, n)
+  mask = np.asarray(batch["loss_mask"])
+  np.testing.assert_allclose(float(np.asarray(token_loss)[mask].mean()), ref_loss, rtol=1e-4)
+  hits = (np.asarray(predictions) == np.asarray(batch["targets"])) & mask
+  np.testing.assert_allclose(hits.sum() / mask.sum(), ref_acc, rtol=1e-6)
+  assert not np.asarray(token_loss)[:, :2 * L].any()  # consolidation windows carry no loss
 
 
 def test_loss_under_jit_needs_static_layout_and_gives_finite_gradients():
