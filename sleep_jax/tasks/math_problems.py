@@ -26,9 +26,13 @@ paper    2000    2001-3300    4000      1-8
 
 ``seq_len`` is ``length`` high rounded up to a multiple of L, and ``length`` low is raised so the
 answer always lands in the last window: e.g. ``scale="paper", window=512`` gives T = 3584 and
-lengths 3073-3300.
+lengths 3073-3300. A problem's length is drawn by adding distractors, in order, while they fit a
+target drawn uniformly from [low + 28, high] (28 tokens is the longest statement), so every length
+lies in [low, high].
 
-Every problem is checked by ``math_solver`` (which reads only the words) before it is returned.
+Generation is vectorised over a batch: each problem's answer tree (a handful of statements) is
+built in Python, and everything else (distractors, rendering, shuffling) with numpy. Every batch
+is checked by ``math_solver``, which reads only the token strings, before it is returned.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from sleep_jax.tasks import base, math_solver
+from sleep_jax.tasks import base, math_solver, randomness
 
 ADJECTIVES = ("adult", "baby", "young", "old", "wild", "spotted", "striped", "male", "female",
               "small", "large", "sleepy")
@@ -57,15 +61,15 @@ PLACES = ("Riverton", "Oakdale", "Maplewood", "Brookfield", "Cedarville", "Elmst
           "Silverlake", "Timberline", "Willowby", "Amberley", "Bramblewood", "Coldharbor",
           "Driftwood", "Emberton", "Fernhill", "Goldcrest", "Hawthorne", "Islington", "Jasperville",
           "Kingsley", "Lindenhurst", "Marshfield", "Norwood", "Orchardview", "Primrose")
-NUM_QUANTITIES = len(ADJECTIVES) * len(NOUNS) * len(PLACES)
+NUM_QUANTITIES = len(ADJECTIVES) * len(NOUNS) * len(PLACES)  # quantity q = (adjective, noun, place)
 
-# Templates. Slots: A is the defined quantity, B and C operand quantities, V a number, and
-# A_BARE the defined quantity without article ("adult lions in Riverton").
+# Templates. A is the defined quantity, B and C its operands, V a number, A_BARE the defined
+# quantity without article ("adult lions in Riverton"). Each of A, B, C takes one of MENTIONS.
 MENTIONS = ("the number of ADJ NOUN in PLACE", "the count of ADJ NOUN at PLACE", "PLACE 's ADJ NOUN")
 BARE_MENTION = "ADJ NOUN in PLACE"
 QUESTIONS = ("Question : what is A ?", "Question : how many A_BARE are there ?",
              "Question : find A .")
-STATEMENTS = {
+STATEMENTS = {  # (operation, operands are two quantities) -> phrasings
     ("value", False): ("A is V .", "A equals V .", "there are V A_BARE ."),
     ("add", True): ("A equals B plus C .", "A is the sum of B and C .", "B and C together make A ."),
     ("add", False): ("A is V more than B .", "A equals B plus V .", "B plus V gives A ."),
@@ -76,7 +80,20 @@ STATEMENTS = {
     ("mul", False): ("A is V times B .", "A equals B times V .", "B times V gives A ."),
 }
 FRAME = ("Context :", "Answer :")
-SLOTS = {"A": -1, "B": -2, "C": -3, "V": -4, "A_BARE": -5, "ADJ": -6, "NOUN": -7, "PLACE": -8}
+SLOT_WORDS = ("A", "B", "C", "V", "A_BARE", "ADJ", "NOUN", "PLACE")
+OPERATIONS = ("add", "sub", "mul")
+PHRASINGS = 3  # per group of STATEMENTS, and of QUESTIONS
+
+# Pattern codes: a token id (>= 0), a number V (-10) or part p of the quantity in slot s
+# (-(1 + 3 s + p), with slots A, B, C = 0, 1, 2 and parts adjective, noun, place = 0, 1, 2).
+_NUMBER_CODE = -10
+_PART_CODE = {"ADJ": 0, "NOUN": 1, "PLACE": 2}
+
+SCALES = {
+    "tiny": {"window": 32, "length": (100, 128), "ops": (1, 2)},
+    "small": {"window": 128, "length": (400, 512), "ops": (1, 8)},
+    "paper": {"window": 2000, "length": (2000, 3300), "ops": (1, 8)},
+}
 
 
 def _template_words() -> list[str]:
@@ -86,16 +103,51 @@ def _template_words() -> list[str]:
     words: list[str] = []
     for text in texts:
         for word in text.split():
-            if word not in SLOTS and word not in words:
+            if word not in SLOT_WORDS and word not in words:
                 words.append(word)
     return words
 
 
-SCALES = {
-    "tiny": {"window": 32, "length": (100, 128), "ops": (1, 2)},
-    "small": {"window": 128, "length": (400, 512), "ops": (1, 8)},
-    "paper": {"window": 2000, "length": (2000, 3300), "ops": (1, 8)},
-}
+def _expand(text: str, forms: tuple[int, int, int]) -> list[str]:
+    """A template's words with each quantity slot replaced by its mention form's words."""
+    out = []
+    for word in text.split():
+        if word in ("A", "B", "C"):
+            slot = "ABC".index(word)
+            out += [f"{w}.{slot}" if w in _PART_CODE else w for w in MENTIONS[forms[slot]].split()]
+        elif word == "A_BARE":
+            out += [f"{w}.0" if w in _PART_CODE else w for w in BARE_MENTION.split()]
+        else:
+            out.append(word)
+    return out
+
+
+# Every statement template in a flat list: template id t = 3 * group + phrasing.
+_GROUPS = list(STATEMENTS)
+TEMPLATES = [text for group in _GROUPS for text in STATEMENTS[group]]
+_LONGEST_MENTION = max(len(m.split()) for m in MENTIONS)
+
+
+def _template_length(text: str, forms=(0, 0, 0)) -> int:
+    return len(_expand(text, forms))
+
+
+def _worst_path_length(ops: int) -> int:
+    """An upper bound on the tokens of a problem without distractors (question and frame too)."""
+    longest = lambda texts: max(_template_length(t, (f, f, f)) for t in texts for f in range(3))
+    value_texts = STATEMENTS[("value", False)]
+    op_texts = [t for group, texts in STATEMENTS.items() if group[0] != "value" for t in texts]
+    frame = longest(QUESTIONS) + sum(len(f.split()) for f in FRAME)
+    return frame + ops * longest(op_texts) + (ops + 1) * longest(value_texts)
+
+
+def _max_ops(high: int) -> int:
+    return max([n for n in range(1, 17) if _worst_path_length(n) <= high], default=0)
+
+
+LONGEST_STATEMENT = max(_template_length(t, (f, f, f)) for t in TEMPLATES for f in range(3))
+SHORTEST_STATEMENT = min(_template_length(t, (a, b, c)) for t in TEMPLATES
+                         for a in range(3) for b in range(3) for c in range(3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +184,12 @@ class MathProblems(base.Task):
             raise ValueError(f"{task} parameter 'length' must reach past one window: high must be in "
                              f"[{window + 1}, 100000] for window {window}, got {high}")
         low = max(low, seq_len - window + 1)  # the answer must fall in the last window
-        if high - low < 16:
-            raise ValueError(f"{task} parameter 'length' leaves too narrow a range ({low}..{high}) "
-                             f"for window {window}: high must be in "
-                             f"[{seq_len - window + 17}, {seq_len}] or beyond")
-        worst = _worst_path_length(ops[1])
-        if worst > high:
+        if high - low < LONGEST_STATEMENT:
+            raise ValueError(
+                f"{task} parameter 'length' leaves too narrow a range ({low}..{high}) for window "
+                f"{window}: high - low must be at least {LONGEST_STATEMENT}, where low is raised to "
+                f"{seq_len - window + 1} so the answer falls in the last window")
+        if _worst_path_length(ops[1]) > high:
             raise ValueError(f"{task} parameter 'ops' must be a pair in [1, {_max_ops(high)}] for "
                              f"length high {high} (a problem must fit), got {ops}")
         set_(self, "window", window)
@@ -152,162 +204,236 @@ class MathProblems(base.Task):
             groups=list(range(ops[0], ops[1] + 1)),
             chance={"accuracy": 1.0 / self.modulus, "exact": 1.0 / self.modulus},
         )
+        self._build_tables()
+
+    def _build_tables(self) -> None:
+        """Token tables: the words of every quantity, and every template with every mention form."""
         ids = self._token_ids
-        compile_ = lambda text: [SLOTS[w] if w in SLOTS else ids[w] for w in text.split()]
-        set_(self, "_mentions", [compile_(m) for m in MENTIONS])
-        set_(self, "_bare", compile_(BARE_MENTION))
-        set_(self, "_questions", [compile_(q) for q in QUESTIONS])
-        set_(self, "_statements", {k: [compile_(t) for t in v] for k, v in STATEMENTS.items()})
-        set_(self, "_frame", [compile_(f) for f in FRAME])
-        set_(self, "_content_ids", (
-            [ids[w] for w in ADJECTIVES], [ids[w] for w in NOUNS], [ids[w] for w in PLACES]))
+        quantity = np.arange(NUM_QUANTITIES)
+        adjective, rest = np.divmod(quantity, len(NOUNS) * len(PLACES))
+        noun, place = np.divmod(rest, len(PLACES))
+        parts = np.stack([np.array([ids[w] for w in ADJECTIVES])[adjective],
+                          np.array([ids[w] for w in NOUNS])[noun],
+                          np.array([ids[w] for w in PLACES])[place]], axis=1)  # [quantities 3]
+
+        def codes(words: list[str]) -> list[int]:
+            out = []
+            for w in words:
+                if w == "V":
+                    out.append(_NUMBER_CODE)
+                elif "." in w and w.split(".")[0] in _PART_CODE:
+                    part, slot = w.split(".")
+                    out.append(-(1 + 3 * int(slot) + _PART_CODE[part]))
+                else:
+                    out.append(ids[w])
+            return out
+
+        # Pattern id = 27 * template + 9 * form(A) + 3 * form(B) + form(C) for statements; then
+        # the questions (27 * question + 9 * form(A)) and the two frame pieces.
+        patterns = [codes(_expand(t, (a, b, c))) for t in TEMPLATES
+                    for a in range(3) for b in range(3) for c in range(3)]
+        patterns += [codes(_expand(q, (a, b, c))) for q in QUESTIONS
+                     for a in range(3) for b in range(3) for c in range(3)]
+        patterns += [codes(f.split()) for f in FRAME]
+        table = np.zeros((len(patterns), max(map(len, patterns))), np.int32)
+        for i, p in enumerate(patterns):
+            table[i, :len(p)] = p
+        set_ = object.__setattr__
+        set_(self, "_parts", parts)
+        set_(self, "_patterns", table)
+        set_(self, "_pattern_len", np.array([len(p) for p in patterns], np.int64))
+        set_(self, "_question_pattern0", 27 * len(TEMPLATES))
+        set_(self, "_context_pattern", len(patterns) - 2)
+        set_(self, "_answer_pattern", len(patterns) - 1)
         set_(self, "_number0", ids["0"])
 
     # ----- generation ------------------------------------------------------------------------
 
     def _generate(self, split, indices, keys):
-        batch = self.empty_batch(len(keys))
-        low, high = self.ops
+        size, m = len(keys), self.modulus
+        low_ops, high_ops = self.ops
         if split == "test":
-            ops = low + indices % (high - low + 1)
+            ops = low_ops + indices % (high_ops - low_ops + 1)
         else:  # uniform over the range, from the example's own key
-            ops = low + ((keys >> np.uint64(40)) % np.uint64(high - low + 1)).astype(np.int64)
-        for row, (key, n_ops) in enumerate(zip(keys, ops)):
-            tokens, answer = self.problem(int(key), int(n_ops))
-            batch["tokens"][row, :len(tokens)] = tokens
-            batch["targets"][row, len(tokens) - 1] = self._number0 + answer
-            batch["loss_mask"][row, len(tokens) - 1] = True
+            ops = low_ops + ((keys >> np.uint64(40)) % np.uint64(high_ops - low_ops + 1)).astype(np.int64)
+
+        # Each problem's quantities come from its own permutation of all quantities: distinct.
+        path_max = 2 * high_ops + 1  # derived quantities plus at most one base more
+        candidates = -(-self.length[1] // SHORTEST_STATEMENT)
+        order = randomness.permute_below(np.arange(path_max + candidates)[None, :],
+                                         keys[:, None], NUM_QUANTITIES)  # [b path_max+candidates]
+
+        rows = []  # statement rows: (problem, section, pattern, A, B, C, V, serial)
+        used = np.zeros(size, np.int64)  # quantities taken by each answer tree
+        answers = np.zeros(size, np.int64)
+        fixed = np.zeros(size, np.int64)  # tokens of question, frame and answer tree
+        for e in range(size):
+            rng = random.Random(int(keys[e]))
+            tree_rows, used[e], answers[e] = self._answer_tree(rng, int(ops[e]), order[e].tolist())
+            rows += [(e, 2) + r + (serial,) for serial, r in enumerate(tree_rows)]
+            question = self._question_pattern0 + 27 * int(rng.random() * PHRASINGS) + 9 * int(rng.random() * 3)
+            rows += [(e, 0, question, tree_rows[0][1], 0, 0, 0, 0), (e, 1, self._context_pattern, 0, 0, 0, 0, 0),
+                     (e, 3, self._answer_pattern, 0, 0, 0, 0, 0)]
+            fixed[e] = sum(self._pattern_len[r[2]] for r in rows[-len(tree_rows) - 3:])
+        fixed_rows = np.array(rows, np.int64)
+        distractor_rows = self._distractors(keys, order, used, fixed)
+        table = np.concatenate([fixed_rows, distractor_rows])
+
+        # Shuffle the statements of each problem (section 2) between question and answer, by keys
+        # drawn from the problem's key and each statement's serial number within the problem.
+        shuffle = randomness.mix64(keys[table[:, 0]] + randomness.mix64(
+            table[:, 7].astype(np.uint64) + np.uint64(0x5EED)))
+        table = table[np.lexsort((shuffle, table[:, 1], table[:, 0]))]
+        tokens, lengths = self._render(table, size)
+        answer_at = lengths - 1
+        low, high = self.length
+        assert np.all((lengths >= low) & (lengths <= high)), (lengths, self.length)
+
+        got_answer, got_ops = math_solver.solve_batch(tokens, lengths, self.vocab, m)
+        if not (np.array_equal(got_answer, answers) and np.array_equal(got_ops, ops)):
+            bad = int(np.flatnonzero((got_answer != answers) | (got_ops != ops))[0])
+            raise RuntimeError(f"math generator disagrees with its solver on problem {bad}: answer "
+                               f"{answers[bad]} vs {got_answer[bad]}, ops {ops[bad]} vs {got_ops[bad]}")
+        batch = self.empty_batch(size)
+        batch["tokens"][:, :tokens.shape[1]] = tokens
+        batch["targets"][np.arange(size), answer_at] = self._number0 + answers
+        batch["loss_mask"][np.arange(size), answer_at] = True
         batch["group"] = ops.astype(np.int32)
         return batch
 
-    def problem(self, seed: int, ops: int) -> tuple[list[int], int]:
-        """One verified problem: its token ids (ending in ``Answer :``) and the answer value."""
-        rng = random.Random(seed)
+    def _answer_tree(self, rng: random.Random, ops: int, quantities: list[int]):
+        """The question's dependency tree, exactly ``ops`` derived quantities, built top-down.
+
+        Returns its statement rows (pattern, A, B, C, V) with the question's statement first, the
+        number of quantities taken from ``quantities``, and the answer.
+        """
+        below = lambda n: int(rng.random() * n)  # a uniform integer in [0, n); faster than randrange
+        for _ in range(100):
+            definitions, derived, bases = self._tree_shape(below, ops, quantities)
+            # Base values, redrawn while a product on the path has a zero factor, which would
+            # make the answer independent of the other factor's subtree (a shortcut). Shared
+            # bases can make a factor zero whatever the values (B + C - (B + C)): then reshape.
+            for _ in range(20):
+                values = self._tree_values(below, definitions, derived, bases)
+                if not any(definitions[q][0] == "mul" and 0 in [values[o] for o in definitions[q][1]]
+                           for q in derived):
+                    break
+            else:
+                continue
+            rows = []
+            for q in derived + bases:
+                operation, operands, constant = definitions.get(q, ("value", (), values[q]))
+                group = _GROUPS.index((operation, len(operands) == 2))
+                template = PHRASINGS * group + below(PHRASINGS)
+                pattern = 27 * template + 9 * below(3) + 3 * below(3) + below(3)
+                b, c = (list(operands) + [0, 0])[:2]
+                rows.append((pattern, q, b, c, constant or 0))
+            return rows, len(derived) + len(bases), values[derived[0]]
+        raise RuntimeError("no answer tree without a constant zero factor after 100 tries")
+
+    def _tree_shape(self, below, ops: int, quantities: list[int]):
+        """Definitions (q -> (operation, operands, constant)), derived quantities (parents first)
+        and base quantities of a random tree with ``ops`` operations over ``quantities`` in order."""
         m = self.modulus
-        used: set[int] = set()
-
-        def new_quantity() -> int:
-            while True:
-                q = rng.randrange(NUM_QUANTITIES)
-                if q not in used:
-                    used.add(q)
-                    return q
-
-        # The answer's dependency tree: exactly `ops` derived quantities, built top-down.
-        definitions: dict[int, tuple] = {}  # q -> (op, operand quantities, constant)
-        answer = new_quantity()
-        frontier, derived_order, bases = [answer], [], []
+        taken = iter(quantities)
+        definitions: dict[int, tuple] = {}
+        frontier, derived, bases = [next(taken)], [], []
         budget = ops - 1
         while frontier:
-            q = frontier.pop(rng.randrange(len(frontier)))
-            derived_order.append(q)
-            op = rng.choice(("add", "sub", "mul"))
-            slots = 2 if rng.random() < 0.5 else 1
+            q = frontier.pop(below(len(frontier)))
+            derived.append(q)
+            operation = OPERATIONS[below(3)]
+            slots = 2 if below(2) else 1
             operands: list[int] = []
             for slot in range(slots):
-                # When q is the last open node (and no earlier slot opened one), its last operand
-                # must carry the remaining budget onwards.
+                # The last open node's last operand must carry any remaining budget onwards.
                 must_derive = budget > 0 and not frontier and slot == slots - 1
                 reusable = [b for b in bases if b not in operands]
-                if budget > 0 and (must_derive or rng.random() < 0.5):
-                    child = new_quantity()
+                if budget > 0 and (must_derive or below(2)):
+                    child = next(taken)
                     frontier.append(child)
                     budget -= 1
-                elif reusable and rng.random() < 0.25:
-                    child = rng.choice(reusable)
+                elif reusable and below(4) == 0:
+                    child = reusable[below(len(reusable))]
                 else:
-                    child = new_quantity()
+                    child = next(taken)
                     bases.append(child)
                 operands.append(child)
-            constant = None if slots == 2 else rng.randint(2 if op == "mul" else 1, m - 1)
-            definitions[q] = (op, tuple(operands), constant)
+            low = 2 if operation == "mul" else 1
+            constant = None if slots == 2 else low + below(m - low)
+            definitions[q] = (operation, tuple(operands), constant)
+        return definitions, derived, bases
 
-        # Draw the base values; redraw while a product on the path has a zero factor, which would
-        # make the answer independent of the other factor's whole subtree (a shortcut).
-        while True:
-            values: dict[int, int] = {b: rng.randrange(m) for b in bases}
-            for q in reversed(derived_order):  # children were opened after their parents
-                values[q] = _apply(definitions[q], values, m)
-            if not any(definitions[q][0] == "mul" and 0 in [values[o] for o in definitions[q][1]]
-                       for q in derived_order):
-                break
-        for b in bases:
-            definitions[b] = ("value", (), values[b])
+    def _tree_values(self, below, definitions: dict, derived: list[int], bases: list[int]) -> dict:
+        m = self.modulus
+        values = {b: below(m) for b in bases}
+        for q in reversed(derived):  # children were opened after their parents
+            operation, operands, constant = definitions[q]
+            a = values[operands[0]]
+            b = values[operands[1]] if len(operands) == 2 else constant
+            values[q] = (a + b if operation == "add" else a - b if operation == "sub" else a * b) % m
+        return values
 
-        statements = [self._render(q, definitions[q], rng) for q in derived_order + bases]
-        question = self._render_with(rng.choice(self._questions), answer, (), None, rng)
-        context_open, answer_marker = self._frame
-        size = len(question) + len(context_open) + len(answer_marker) + sum(map(len, statements))
-        low, high = self.length
-        target = rng.randint(low, high)
-        quantities = derived_order + bases
-        while size < target:
-            q = new_quantity()
-            if rng.random() < 0.35:
-                definition = ("value", (), rng.randrange(m))
-            elif rng.random() < 0.5:
-                definition = (rng.choice(("add", "sub", "mul")), tuple(rng.sample(quantities, 2)), None)
-            else:
-                op = rng.choice(("add", "sub", "mul"))
-                definition = (op, (rng.choice(quantities),), rng.randint(2 if op == "mul" else 1, m - 1))
-            statement = self._render(q, definition, rng)
-            if size + len(statement) > high:  # fall back to the shortest statement form
-                definition = ("value", (), rng.randrange(m))
-                statement = self._render_with(self._statements[("value", False)][0], q, (),
-                                              definition[2], rng, mention=self._mentions[2])
-                if size + len(statement) > high:
-                    break
-            definitions[q] = definition
-            values[q] = _apply(definition, values, m)
-            quantities.append(q)
-            statements.append(statement)
-            size += len(statement)
+    def _distractors(self, keys: np.ndarray, order: np.ndarray, used: np.ndarray,
+                     fixed: np.ndarray) -> np.ndarray:
+        """Distractor statement rows, in order of creation, while they fit each problem's target.
 
-        rng.shuffle(statements)
-        tokens = question + context_open + [t for s in statements for t in s] + answer_marker
-        self._verify(tokens, values[answer], ops)
-        return tokens, values[answer]
+        Candidate j of a problem defines its quantity number ``used + j`` in terms of quantities
+        with lower numbers (its answer tree's or earlier distractors'), so no cycle can arise.
+        """
+        size, candidates = order.shape[0], order.shape[1] - int(used.max())
+        m, low, high = self.modulus, self.length[0], self.length[1]
+        d = randomness.draws(keys, 1, 9 * candidates + 1)
+        target = low + LONGEST_STATEMENT + randomness.below(d[:, -1], high - low - LONGEST_STATEMENT + 1)
+        d = d[:, :-1].reshape(size, candidates, 9)
+        kind = randomness.below(d[..., 0], 40)  # 14/40 values, 13/40 two-quantity, 13/40 constant
+        operation = randomness.below(d[..., 1], 3)
+        binary = (kind >= 14) & (kind < 27)
+        group = np.where(kind < 14, _GROUPS.index(("value", False)),
+                         1 + 2 * operation + (~binary).astype(np.int64))  # _GROUPS order
+        template = PHRASINGS * group + randomness.below(d[..., 2], PHRASINGS)
+        pattern = (27 * template + 9 * randomness.below(d[..., 3], 3) + 3 * randomness.below(d[..., 4], 3)
+                   + randomness.below(d[..., 5], 3))
+        constant = np.where(kind < 14, randomness.below(d[..., 6], m),
+                            np.where(operation == 2, 2 + randomness.below(d[..., 6], m - 2),
+                                     1 + randomness.below(d[..., 6], m - 1)))
+        number = used[:, None] + np.arange(candidates)  # the new quantity's number
+        first = randomness.below(d[..., 7], number)  # operands: earlier quantities, distinct
+        second = randomness.below(d[..., 8], number - 1)
+        second += second >= first
+        take = lambda idx: np.take_along_axis(order, idx, axis=1)
+        a, b, c = take(number), take(first), take(second)
+        keep = np.cumsum(self._pattern_len[pattern], axis=1) <= (target - fixed)[:, None]
+        problem = np.broadcast_to(np.arange(size)[:, None], keep.shape)
+        columns = (problem, np.full(keep.shape, 2), pattern, a, np.where(kind < 14, 0, b),
+                   np.where(binary, c, 0), np.where(binary, 0, constant),
+                   1000 + np.broadcast_to(np.arange(candidates), keep.shape))  # serials after the tree's
+        return np.stack([col[keep] for col in columns], axis=1).astype(np.int64)
 
-    def _render(self, q: int, definition: tuple, rng: random.Random) -> list[int]:
-        op, operands, constant = definition
-        template = rng.choice(self._statements[(op, len(operands) == 2)])
-        return self._render_with(template, q, operands, constant, rng)
-
-    def _render_with(self, template: list[int], q: int, operands: tuple, constant: int | None,
-                     rng: random.Random, mention: list[int] | None = None) -> list[int]:
-        out: list[int] = []
-        for tok in template:
-            if tok >= 0:
-                out.append(tok)
-            elif tok == -4:
-                out.append(self._number0 + constant)
-            elif tok == -5:
-                out.extend(self._fill(self._bare, q))
-            else:  # A, B, C
-                form = mention if mention is not None else self._mentions[rng.randrange(len(self._mentions))]
-                out.extend(self._fill(form, q if tok == -1 else operands[-2 - tok]))
-        return out
-
-    def _fill(self, form: list[int], q: int) -> list[int]:
-        adjectives, nouns, places = self._content_ids
-        adj, rest = divmod(q, len(NOUNS) * len(PLACES))
-        noun, place = divmod(rest, len(PLACES))
-        parts = {-6: adjectives[adj], -7: nouns[noun], -8: places[place]}
-        return [parts.get(t, t) for t in form]
-
-    def _verify(self, tokens: list[int], answer: int, ops: int) -> None:
-        low, high = self.length
-        solution = math_solver.solve(self.decode(tokens), self.modulus)
-        if solution.answer != answer or solution.ops != ops or not low <= len(tokens) <= high:
-            raise RuntimeError(
-                f"math generator disagrees with its solver: answer {answer} vs {solution.answer}, "
-                f"ops {ops} vs {solution.ops}, length {len(tokens)} vs {self.length}")
+    def _render(self, table: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids [b max_len] and lengths [b] of sorted statement rows."""
+        problem, pattern = table[:, 0], table[:, 2]
+        lengths = self._pattern_len[pattern]
+        row = np.repeat(np.arange(len(table)), lengths)
+        row_start = np.cumsum(lengths) - lengths
+        code = self._patterns[pattern[row], np.arange(len(row)) - row_start[row]]
+        part = np.maximum(-code - 1, 0)  # 3 * slot + part for quantity codes
+        slot_quantity = table[row, 3 + np.minimum(part // 3, 2)]
+        tokens = np.where(code >= 0, code,
+                          np.where(code == _NUMBER_CODE, self._number0 + table[row, 6],
+                                   self._parts[slot_quantity, part % 3]))
+        per_problem = np.bincount(problem, weights=lengths, minlength=size).astype(np.int64)
+        problem_start = np.cumsum(per_problem) - per_problem
+        position = np.arange(len(row)) - problem_start[problem[row]]
+        out = np.zeros((size, int(per_problem.max())), np.int32)
+        out[problem[row], position] = tokens
+        return out, per_problem
 
     # ----- viewing ---------------------------------------------------------------------------
 
     def explain(self, example: dict[str, Any]) -> list[str]:
-        words = [w for w in self.decode(example["tokens"]) if w != base.PAD]
-        solution = math_solver.solve(words, self.modulus)
+        tokens = [t for t in example["tokens"] if t != self.token_id(base.PAD)]
+        solution = math_solver.solve_tokens(tokens, self.vocab, self.modulus)
         names = {q: f"[{i + 1}]" for i, q in enumerate(solution.chain)}
         symbol = {"add": "+", "sub": "-", "mul": "×"}
         lines = [f"dependency chain of the question ({solution.ops} operations, arithmetic mod "
@@ -322,38 +448,6 @@ class MathProblems(base.Task):
             nums = [str(solution.values[o]) if isinstance(o, tuple) else str(o) for o in definition.operands]
             op = f" {symbol[definition.op]} "
             lines.append(f"{label} = {op.join(refs)} = {op.join(nums)} = {solution.values[q]}")
-        stated = sum(1 for w in words if w == ".")
-        lines.append(f"answer: {solution.answer}   ({len(solution.chain)} of {stated} statements "
-                     f"needed; {len(words)} tokens)")
+        lines.append(f"answer: {solution.answer}   ({len(solution.chain)} of "
+                     f"{solution.num_statements} statements needed; {len(tokens)} tokens)")
         return lines
-
-
-def _apply(definition: tuple, values: dict[int, int], modulus: int) -> int:
-    op, operands, constant = definition
-    if op == "value":
-        return constant
-    a = values[operands[0]]
-    b = values[operands[1]] if len(operands) == 2 else constant
-    if op == "add":
-        return (a + b) % modulus
-    if op == "sub":
-        return (a - b) % modulus
-    return (a * b) % modulus
-
-
-def _template_length(text: str) -> int:
-    sizes = {"A": 7, "B": 7, "C": 7, "A_BARE": 4, "V": 1}  # 7: the longest mention form
-    return sum(sizes.get(w, 1) for w in text.split())
-
-
-def _worst_path_length(ops: int) -> int:
-    """An upper bound on the tokens of a problem without distractors (question and frame too)."""
-    longest_op = max(_template_length(t) for (op, _), group in STATEMENTS.items() if op != "value"
-                     for t in group)
-    longest_value = max(_template_length(t) for t in STATEMENTS[("value", False)])
-    frame = max(_template_length(q) for q in QUESTIONS) + sum(_template_length(f) for f in FRAME)
-    return frame + ops * longest_op + (ops + 1) * longest_value
-
-
-def _max_ops(high: int) -> int:
-    return max([n for n in range(1, 17) if _worst_path_length(n) <= high], default=0)

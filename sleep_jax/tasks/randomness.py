@@ -70,20 +70,34 @@ def below(values: np.ndarray, n) -> np.ndarray:
 
 
 @_wrapping
-def permute_index(positions: np.ndarray, seed: int, bits: int) -> np.ndarray:
-    """A keyed bijection of [0, 2**bits) (uint64 in, int64 out), used to shuffle train indices.
+def permute_index(positions: np.ndarray, seed, bits: int) -> np.ndarray:
+    """A keyed bijection of [0, 2**bits) (uint64 in, int64 out), e.g. to shuffle train indices.
 
-    Rounds of (add key, multiply by an odd constant, xor-shift) each permute the integers modulo
-    2**bits, so their composition is a permutation; four rounds mix well enough for ordering data.
+    ``seed`` is an int or a uint64 array broadcastable against ``positions`` (one permutation per
+    key). Rounds of (add key, multiply by an odd constant, xor-shift) each permute the integers
+    modulo 2**bits, so their composition is a permutation; four rounds mix well enough here.
     """
     if not 8 <= bits <= 62:
         raise ValueError(f"bits must be in [8, 62], got {bits}")
     mask = np.uint64((1 << bits) - 1)
     x = np.asarray(positions, dtype=np.uint64) & mask
-    round_keys = mix64(np.uint64(seed) * _GOLDEN + np.arange(1, 5, dtype=np.uint64))
+    seed = np.asarray(seed, dtype=np.uint64)
     shift = np.uint64(bits // 2)
-    for k in round_keys:
-        x = (x + k) & mask
+    for r in range(1, 5):
+        x = (x + mix64(seed * _GOLDEN + np.uint64(r))) & mask
         x = (x * _MUL1) & mask  # odd multiplier: invertible modulo 2**bits
         x = x ^ (x >> shift)
     return x.astype(np.int64)
+
+
+def permute_below(positions: np.ndarray, seed, n: int) -> np.ndarray:
+    """A keyed bijection of [0, n) (int64 in and out): ``permute_index`` plus cycle walking."""
+    bits = max(8, (n - 1).bit_length())
+    positions, seed = np.broadcast_arrays(np.asarray(positions), np.asarray(seed, np.uint64))
+    seed = seed.ravel()
+    x = permute_index(positions.ravel(), seed, bits)
+    outside = np.flatnonzero(x >= n)
+    while outside.size:  # walk each value's cycle of the permutation until it lands in [0, n)
+        x[outside] = permute_index(x[outside], seed[outside], bits)
+        outside = outside[x[outside] >= n]
+    return x.reshape(positions.shape)
