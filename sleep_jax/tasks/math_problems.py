@@ -381,7 +381,9 @@ class MathProblems(base.Task):
         Candidate j of a problem defines its quantity number ``used + j`` in terms of quantities
         with lower numbers (its answer tree's or earlier distractors'), so no cycle can arise.
         """
-        size, candidates = order.shape[0], order.shape[1] - int(used.max())
+        # A fixed number of candidates (enough to reach any target with the shortest statements),
+        # so that a problem's draws do not depend on the other problems of the batch.
+        size, candidates = order.shape[0], -(-self.length[1] // SHORTEST_STATEMENT)
         m, low, high = self.modulus, self.length[0], self.length[1]
         d = randomness.draws(keys, 1, 9 * candidates + 1)
         target = low + LONGEST_STATEMENT + randomness.below(d[:, -1], high - low - LONGEST_STATEMENT + 1)
