@@ -19,23 +19,23 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (CellularAutomaton, Mul
 
 
 def get(name: str, **params) -> Task:
-    """Builds task ``name`` ("cellular_automaton", "multi_hop" or "math") with its parameters.
+  """Builds task ``name`` ("cellular_automaton", "multi_hop" or "math") with its parameters.
 
-    Raises ValueError for an unknown name, an unknown parameter or a value out of range.
-    """
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid names: {sorted(TASKS)}")
-    cls = TASKS[name]
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"{name} has no parameter(s) {unknown}; valid parameters: {valid}")
-    return cls(**params)
+  Raises ValueError for an unknown name, an unknown parameter or a value out of range.
+  """
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; valid names: {sorted(TASKS)}")
+  cls = TASKS[name]
+  valid = [f.name for f in dataclasses.fields(cls) if f.init]
+  unknown = sorted(set(params) - set(valid))
+  if unknown:
+    raise ValueError(f"{name} has no parameter(s) {unknown}; valid parameters: {valid}")
+  return cls(**params)
 
 
 def names() -> list[str]:
-    """The registered task names."""
-    return sorted(TASKS)
+  """The registered task names."""
+  return sorted(TASKS)
 
 
 __all__ = ["PAD", "TASKS", "Task", "CellularAutomaton", "MultiHop", "MathProblems", "get", "names"]

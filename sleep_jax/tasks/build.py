@@ -34,20 +34,20 @@ PAPER_SPLITS = (
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.task == "all":
-        todo = [tasks.get(name, **params) for name, params in PAPER_SPLITS]
-    else:
-        try:
-            todo = [cli.task_from_flags()]
-        except ValueError as error:
-            raise app.UsageError(str(error)) from None
-    for task in todo:
-        start = time.time()
-        path = storage.build(task, FLAGS.out, quiet=True)
-        print(f"{task.name}: {task.num_test} test examples in {path} ({time.time() - start:.1f} s)")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.task == "all":
+    todo = [tasks.get(name, **params) for name, params in PAPER_SPLITS]
+  else:
+    try:
+      todo = [cli.task_from_flags()]
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
+  for task in todo:
+    start = time.time()
+    path = storage.build(task, FLAGS.out, quiet=True)
+    print(f"{task.name}: {task.num_test} test examples in {path} ({time.time() - start:.1f} s)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

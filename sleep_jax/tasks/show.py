@@ -26,16 +26,16 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        task = cli.task_from_flags()
-        example = task.example(FLAGS.split, FLAGS.index)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from None
-    color = FLAGS.color == "always" or (FLAGS.color == "auto" and sys.stdout.isatty())
-    print(task.describe(example, color=color, width=FLAGS.columns))
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    task = cli.task_from_flags()
+    example = task.example(FLAGS.split, FLAGS.index)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  color = FLAGS.color == "always" or (FLAGS.color == "auto" and sys.stdout.isatty())
+  print(task.describe(example, color=color, width=FLAGS.columns))
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)
