@@ -45,12 +45,9 @@ def train_indices(global_batch_size: int, seed: int, step: int) -> np.ndarray:
   size = np.uint64(1 << base.TRAIN_INDEX_BITS)
   positions = np.uint64(step) * np.uint64(global_batch_size) + np.arange(global_batch_size, dtype=np.uint64)
   epochs, within = positions // size, positions % size
-  out = np.empty(global_batch_size, np.int64)
-  for epoch in np.unique(epochs):  # at most two epochs in one batch
-    rows = epochs == epoch
-    epoch_seed = int(randomness.mix64(randomness.mix64(np.array([seed], np.uint64)) + epoch)[0])
-    out[rows] = randomness.permute_index(within[rows], epoch_seed, base.TRAIN_INDEX_BITS)
-  return out
+  # A new permutation for every pass over the 2**40 indices (a batch may straddle two passes).
+  epoch_seeds = randomness.mix64(randomness.mix64(np.array([seed], np.uint64)) + epochs)
+  return randomness.permute_index(within, epoch_seeds, base.TRAIN_INDEX_BITS)
 
 
 class TrainBatches:

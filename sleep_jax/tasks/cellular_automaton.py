@@ -24,25 +24,35 @@ MAX_STATES = 16  # the vocabulary always holds Q0..Q15, so it does not change wi
 
 
 def rule110_packed(cells: np.ndarray, width: int, steps: int) -> np.ndarray:
-  """Evolves bit-packed cyclic states ``steps`` times: uint [...] -> uint64 [...]."""
-  dtype = np.uint32 if width <= 32 else np.uint64  # narrower words: half the memory traffic
-  mask = dtype((1 << width) - 1)
-  one, back = dtype(1), dtype(width - 1)
-  x = np.asarray(cells).astype(dtype) & mask
+  """Evolves bit-packed cyclic states ``steps`` times: uint64 [...] -> uint64 [...].
+
+  With left, centre and right neighbours L, C, R, Rule 110 is ``(C XOR R) OR (C AND NOT L)``.
+  """
+  mask = np.uint64((1 << width) - 1)
+  x = np.asarray(cells, np.uint64) & mask
   left, right, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-  for _ in range(steps):
-    # x is clean (no bits at or above `width`), so x >> back is exactly cell width-1 in bit 0;
-    # the stray high bits of the shifted copies are cleared by the final mask.
-    np.left_shift(x, one, out=left)
-    np.bitwise_or(left, np.right_shift(x, back, out=tmp), out=left)  # bit j: cell j - 1
-    np.right_shift(x, one, out=right)
-    np.bitwise_or(right, np.left_shift(x, back, out=tmp), out=right)  # bit j: cell j + 1
-    np.bitwise_and(left, x, out=left)
-    np.bitwise_and(left, right, out=left)  # left AND centre AND right
-    np.bitwise_or(x, right, out=x)
-    np.bitwise_and(x, np.invert(left, out=left), out=x)
+  if width <= 32:
+    # Two copies side by side (cell j at bits j and j + width) turn both cyclic neighbours into
+    # plain shifts: bit j of y >> (width - 1) is cell j - 1, bit j of y >> 1 is cell j + 1.
+    w, back, one = np.uint64(width), np.uint64(width - 1), np.uint64(1)
+    for _ in range(steps):
+      np.bitwise_or(x, np.left_shift(x, w, out=tmp), out=tmp)
+      np.right_shift(tmp, back, out=left)
+      np.right_shift(tmp, one, out=right)
+      np.bitwise_xor(x, right, out=right)  # C XOR R (with stray high bits, masked below)
+      np.bitwise_and(x, np.invert(left, out=left), out=left)  # C AND NOT L
+      np.bitwise_or(right, left, out=x)
+      np.bitwise_and(x, mask, out=x)
+    return x
+  one, back = np.uint64(1), np.uint64(width - 1)
+  for _ in range(steps):  # widths up to 64: rotate within the word
+    np.bitwise_or(np.left_shift(x, one, out=left), np.right_shift(x, back, out=tmp), out=left)
+    np.bitwise_or(np.right_shift(x, one, out=right), np.left_shift(x, back, out=tmp), out=right)
+    np.bitwise_xor(x, right, out=right)
+    np.bitwise_and(x, np.invert(left, out=left), out=left)
+    np.bitwise_or(right, left, out=x)
     np.bitwise_and(x, mask, out=x)
-  return x.astype(np.uint64)
+  return x
 
 
 @dataclasses.dataclass(frozen=True)

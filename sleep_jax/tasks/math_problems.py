@@ -145,9 +145,10 @@ def _max_ops(high: int) -> int:
   return max([n for n in range(1, 17) if _worst_path_length(n) <= high], default=0)
 
 
-LONGEST_STATEMENT = max(_template_length(t, (f, f, f)) for t in TEMPLATES for f in range(3))
-SHORTEST_STATEMENT = min(_template_length(t, (a, b, c)) for t in TEMPLATES
-                         for a in range(3) for b in range(3) for c in range(3))
+_ALL_LENGTHS = [_template_length(t, (a, b, c)) for t in TEMPLATES
+                for a in range(3) for b in range(3) for c in range(3)]
+LONGEST_STATEMENT, SHORTEST_STATEMENT = max(_ALL_LENGTHS), min(_ALL_LENGTHS)
+MEAN_STATEMENT = int(sum(_ALL_LENGTHS) / len(_ALL_LENGTHS))  # rounded down: chunks rarely fall short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,9 +240,9 @@ class MathProblems(base.Task):
     for i, p in enumerate(patterns):
       table[i, :len(p)] = p
     set_ = object.__setattr__
-    set_(self, "_parts", parts)
+    set_(self, "_parts", parts.astype(np.int32))
     set_(self, "_patterns", table)
-    set_(self, "_pattern_len", np.array([len(p) for p in patterns], np.int64))
+    set_(self, "_pattern_len", np.array([len(p) for p in patterns], np.int32))
     set_(self, "_question_pattern0", 27 * len(TEMPLATES))
     set_(self, "_context_pattern", len(patterns) - 2)
     set_(self, "_answer_pattern", len(patterns) - 1)
@@ -257,27 +258,24 @@ class MathProblems(base.Task):
     else:  # uniform over the range, from the example's own key
       ops = low_ops + ((keys >> np.uint64(40)) % np.uint64(high_ops - low_ops + 1)).astype(np.int64)
 
-    # Each problem's quantities come from its own permutation of all quantities: distinct.
+    # Quantity number i of a problem is its own permutation of all quantities at i: distinct.
+    # The answer tree takes the first ones, distractors the following ones.
     path_max = 2 * high_ops + 1  # derived quantities plus at most one base more
-    candidates = -(-self.length[1] // SHORTEST_STATEMENT)
-    order = randomness.permute_below(np.arange(path_max + candidates)[None, :],
-                                     keys[:, None], NUM_QUANTITIES)  # [b path_max+candidates]
-
+    tree_quantities = self._quantities(keys[:, None], np.arange(path_max)[None, :]).tolist()
     rows = []  # statement rows: (problem, section, pattern, A, B, C, V, serial)
     used = np.zeros(size, np.int64)  # quantities taken by each answer tree
     answers = np.zeros(size, np.int64)
-    fixed = np.zeros(size, np.int64)  # tokens of question, frame and answer tree
     for e in range(size):
       rng = random.Random(int(keys[e]))
-      tree_rows, used[e], answers[e] = self._answer_tree(rng, int(ops[e]), order[e].tolist())
-      rows += [(e, 2) + r + (serial,) for serial, r in enumerate(tree_rows)]
+      tree_rows, used[e], answers[e] = self._answer_tree(rng, int(ops[e]), tree_quantities[e])
       question = self._question_pattern0 + 27 * int(rng.random() * PHRASINGS) + 9 * int(rng.random() * 3)
       rows += [(e, 0, question, tree_rows[0][1], 0, 0, 0, 0), (e, 1, self._context_pattern, 0, 0, 0, 0, 0),
                (e, 3, self._answer_pattern, 0, 0, 0, 0, 0)]
-      fixed[e] = sum(self._pattern_len[r[2]] for r in rows[-len(tree_rows) - 3:])
+      rows += [(e, 2) + r + (serial,) for serial, r in enumerate(tree_rows)]
     fixed_rows = np.array(rows, np.int64)
-    distractor_rows = self._distractors(keys, order, used, fixed)
-    table = np.concatenate([fixed_rows, distractor_rows])
+    fixed = np.bincount(fixed_rows[:, 0], weights=self._pattern_len[fixed_rows[:, 2]],
+                        minlength=size).astype(np.int64)  # tokens of question, frame and tree
+    table = np.concatenate([fixed_rows, self._distractors(keys, used, fixed)])
 
     # Shuffle the statements of each problem (section 2) between question and answer, by keys
     # drawn from the problem's key and each statement's serial number within the problem.
@@ -374,62 +372,80 @@ class MathProblems(base.Task):
       values[q] = (a + b if operation == "add" else a - b if operation == "sub" else a * b) % m
     return values
 
-  def _distractors(self, keys: np.ndarray, order: np.ndarray, used: np.ndarray,
-                   fixed: np.ndarray) -> np.ndarray:
+  def _quantities(self, keys: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """Quantity number ``numbers`` of the problems with ``keys`` (broadcast): a quantity id."""
+    return randomness.permute_below(numbers, keys, NUM_QUANTITIES)
+
+  def _distractors(self, keys: np.ndarray, used: np.ndarray, fixed: np.ndarray) -> np.ndarray:
     """Distractor statement rows, in order of creation, while they fit each problem's target.
 
     Candidate j of a problem defines its quantity number ``used + j`` in terms of quantities
-    with lower numbers (its answer tree's or earlier distractors'), so no cycle can arise.
+    with lower numbers (its answer tree's or earlier distractors'), so no cycle can arise. Its
+    draws depend on the problem's key and j alone. Candidates are drawn in chunks of about what
+    a problem needs, and only for the problems still filling up.
     """
-    # A fixed number of candidates (enough to reach any target with the shortest statements),
-    # so that a problem's draws do not depend on the other problems of the batch.
-    size, candidates = order.shape[0], -(-self.length[1] // SHORTEST_STATEMENT)
     m, low, high = self.modulus, self.length[0], self.length[1]
-    d = randomness.draws(keys, 1, 9 * candidates + 1)
-    target = low + LONGEST_STATEMENT + randomness.below(d[:, -1], high - low - LONGEST_STATEMENT + 1)
-    d = d[:, :-1].reshape(size, candidates, 9)
-    kind = randomness.below(d[..., 0], 40)  # 14/40 values, 13/40 two-quantity, 13/40 constant
-    operation = randomness.below(d[..., 1], 3)
-    binary = (kind >= 14) & (kind < 27)
-    group = np.where(kind < 14, _GROUPS.index(("value", False)),
-                     1 + 2 * operation + (~binary).astype(np.int64))  # _GROUPS order
-    template = PHRASINGS * group + randomness.below(d[..., 2], PHRASINGS)
-    pattern = (27 * template + 9 * randomness.below(d[..., 3], 3) + 3 * randomness.below(d[..., 4], 3)
-               + randomness.below(d[..., 5], 3))
-    constant = np.where(kind < 14, randomness.below(d[..., 6], m),
-                        np.where(operation == 2, 2 + randomness.below(d[..., 6], m - 2),
-                                 1 + randomness.below(d[..., 6], m - 1)))
-    number = used[:, None] + np.arange(candidates)  # the new quantity's number
-    first = randomness.below(d[..., 7], number)  # operands: earlier quantities, distinct
-    second = randomness.below(d[..., 8], number - 1)
-    second += second >= first
-    take = lambda idx: np.take_along_axis(order, idx, axis=1)
-    a, b, c = take(number), take(first), take(second)
-    keep = np.cumsum(self._pattern_len[pattern], axis=1) <= (target - fixed)[:, None]
-    problem = np.broadcast_to(np.arange(size)[:, None], keep.shape)
-    columns = (problem, np.full(keep.shape, 2), pattern, a, np.where(kind < 14, 0, b),
-               np.where(binary, c, 0), np.where(binary, 0, constant),
-               1000 + np.broadcast_to(np.arange(candidates), keep.shape))  # serials after the tree's
-    return np.stack([col[keep] for col in columns], axis=1).astype(np.int64)
+    target = low + LONGEST_STATEMENT + randomness.below(randomness.draws(keys, 1, 1)[:, 0],
+                                                        high - low - LONGEST_STATEMENT + 1)
+    room = target - fixed  # tokens left for distractors
+    chunk = -(-high // MEAN_STATEMENT)
+    most = -(-high // SHORTEST_STATEMENT)  # enough for any target
+    pieces, open_, start = [], np.arange(len(keys)), 0
+    while open_.size and start < most:
+      count = min(chunk, most - start)
+      j = start + np.arange(count)
+      # Five draws a candidate, each giving two integers (its high and low 32 bits).
+      d = randomness.draws(keys[open_], 2, 5 * count, start=5 * start).reshape(len(open_), count, 5)
+      kind = randomness.below(d[..., 0], 40)  # 14/40 values, 13/40 two-quantity, 13/40 constant
+      operation = randomness.below(d[..., 0], 3, low_half=True)
+      binary = (kind >= 14) & (kind < 27)
+      group = np.where(kind < 14, _GROUPS.index(("value", False)),
+                       1 + 2 * operation + (~binary).astype(np.int64))  # _GROUPS order
+      template = PHRASINGS * group + randomness.below(d[..., 1], PHRASINGS)
+      pattern = (27 * template + 9 * randomness.below(d[..., 1], 3, low_half=True)
+                 + 3 * randomness.below(d[..., 2], 3) + randomness.below(d[..., 2], 3, low_half=True))
+      constant = np.where(kind < 14, randomness.below(d[..., 3], m),
+                          np.where(operation == 2, 2 + randomness.below(d[..., 3], m - 2),
+                                   1 + randomness.below(d[..., 3], m - 1)))
+      number = used[open_, None] + j  # the new quantity's number
+      first = randomness.below(d[..., 3], number, low_half=True)  # operands: earlier, distinct
+      second = randomness.below(d[..., 4], number - 1)
+      second += second >= first
+      key = keys[open_, None]
+      a, b, c = (self._quantities(key, x) for x in (number, first, second))
+      spent = np.cumsum(self._pattern_len[pattern], axis=1)
+      keep = spent <= room[open_, None]
+      problem = np.broadcast_to(open_[:, None], keep.shape)
+      columns = (problem, np.full(keep.shape, 2), pattern, a, np.where(kind < 14, 0, b),
+                 np.where(binary, c, 0), np.where(binary, 0, constant),
+                 1000 + np.broadcast_to(j, keep.shape))  # serials after the tree's
+      pieces.append(np.stack([col[keep] for col in columns], axis=1).astype(np.int64))
+      room[open_] -= np.where(keep, self._pattern_len[pattern], 0).sum(axis=1)
+      open_ = open_[keep.all(axis=1)]  # a problem that kept every candidate may take more
+      start += count
+    return np.concatenate(pieces) if pieces else np.zeros((0, 8), np.int64)
 
   def _render(self, table: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [b max_len] and lengths [b] of sorted statement rows."""
+    """Token ids [b max_len] and lengths [b] of statement rows sorted by problem."""
+    table = table.astype(np.int32)  # int32 throughout: half the memory traffic of int64
     problem, pattern = table[:, 0], table[:, 2]
     lengths = self._pattern_len[pattern]
-    row = np.repeat(np.arange(len(table)), lengths)
-    row_start = np.cumsum(lengths) - lengths
-    code = self._patterns[pattern[row], np.arange(len(row)) - row_start[row]]
+    total = int(lengths.sum())
+    row = np.repeat(np.arange(len(table), dtype=np.int32), lengths)
+    offset = np.arange(total, dtype=np.int32) - (np.cumsum(lengths, dtype=np.int32) - lengths)[row]
+    code = self._patterns.ravel()[pattern[row] * self._patterns.shape[1] + offset]  # one gather
     part = np.maximum(-code - 1, 0)  # 3 * slot + part for quantity codes
-    slot_quantity = table[row, 3 + np.minimum(part // 3, 2)]
+    quantity = table.ravel()[row * table.shape[1] + 3 + np.minimum(part // 3, 2)]
     tokens = np.where(code >= 0, code,
                       np.where(code == _NUMBER_CODE, self._number0 + table[row, 6],
-                               self._parts[slot_quantity, part % 3]))
+                               self._parts.ravel()[quantity * 3 + part % 3]))
     per_problem = np.bincount(problem, weights=lengths, minlength=size).astype(np.int64)
-    problem_start = np.cumsum(per_problem) - per_problem
-    position = np.arange(len(row)) - problem_start[problem[row]]
-    out = np.zeros((size, int(per_problem.max())), np.int32)
-    out[problem[row], position] = tokens
-    return out, per_problem
+    longest = int(per_problem.max())
+    first = (np.cumsum(per_problem) - per_problem).astype(np.int32)
+    position = np.arange(total, dtype=np.int32) - first[problem[row]]
+    out = np.zeros(size * longest, np.int32)
+    out[problem[row] * longest + position] = tokens
+    return out.reshape(size, longest), per_problem
 
   # ----- viewing ---------------------------------------------------------------------------
 

@@ -106,15 +106,16 @@ class _Problems:
     if (MAX_WORDS + 1) * self.bits + max(1, (batch - 1).bit_length()) > 63:
       raise ValueError(f"a batch of {batch} problems over {len(vocab)} words does not fit int64 keys")
     valid = np.arange(tokens.shape[1]) < lengths[:, None]
-    ids = tokens[valid].astype(np.int64)  # [N] every problem's tokens, one after the other
+    ids = tokens[valid].astype(np.int32)  # [N] every problem's tokens, one after the other
     end = np.cumsum(lengths)
     start = end - lengths
     k = kind[ids]
+    problem_of = lambda at: np.searchsorted(end, at, side="right")  # positions -> problem numbers
 
     # The frame: "Question : <question> Context : <statements> Answer :".
     question_id, context_id, answer_id, colon_id = (index.get(w, -1) for w in FRAME)
     context = np.flatnonzero(ids == context_id)
-    counts = [np.bincount(np.searchsorted(end, np.flatnonzero(ids == w), side="right"), minlength=batch)
+    counts = [np.bincount(problem_of(np.flatnonzero(ids == w)), minlength=batch)
               for w in (question_id, context_id, answer_id)]
     if any(np.any(c != 1) for c in counts):
       raise IllDefined("every problem needs one each of Question, Context and Answer")
@@ -123,7 +124,6 @@ class _Problems:
     if not frame_ok.all():
       raise IllDefined(f"problem {int(np.argmin(frame_ok))}: expected "
                        "'Question : ... Context : <statements> Answer :'")
-    example = np.repeat(np.arange(batch), lengths)
     # Regions: 0 frame, 1 question, 2 statements.
     segments = np.stack([np.full(batch, 2), context - start - 2, np.full(batch, 2),
                          end - context - 4, np.full(batch, 2)], axis=1)
@@ -134,23 +134,24 @@ class _Problems:
     content = (k == PLACE) | (k == WORD)
     inside = content | ((k == LINK) & _shift(content, 1) & _shift(content, -1))
     starts = inside & ~_shift(inside, 1)
-    mention = np.cumsum(starts) - 1
-    count = int(starts.sum())
+    mention = np.cumsum(starts, dtype=np.int32) - 1
+    count = int(mention[-1]) + 1 if len(mention) else 0
     place_at = np.flatnonzero(k == PLACE)
     if np.any(np.bincount(mention[place_at], minlength=count) != 1):
       bad = int(np.flatnonzero(np.bincount(mention[place_at], minlength=count) != 1)[0])
-      raise IllDefined(f"problem {int(example[np.flatnonzero(starts)[bad]])}: a quantity needs "
+      raise IllDefined(f"problem {int(problem_of(np.flatnonzero(starts)[bad]))}: a quantity needs "
                        "exactly one place name")
     word_at = np.flatnonzero(k == WORD)
-    words_before = np.cumsum(k == WORD) - (k == WORD)
-    rank = words_before[word_at] - words_before[np.flatnonzero(starts)][mention[word_at]]
+    start_at = np.flatnonzero(starts)
+    words_before = np.cumsum(k == WORD, dtype=np.int32) - (k == WORD)
+    rank = words_before[word_at] - words_before[start_at][mention[word_at]]
     if rank.size and rank.max() >= MAX_WORDS:
       raise IllDefined(f"a quantity has at most {MAX_WORDS} words besides its place")
-    key = example[np.flatnonzero(starts)] << ((MAX_WORDS + 1) * self.bits)
-    key[mention[place_at]] |= ids[place_at] << (MAX_WORDS * self.bits)
+    key = problem_of(start_at).astype(np.int64) << ((MAX_WORDS + 1) * self.bits)
+    key[mention[place_at]] |= ids[place_at].astype(np.int64) << (MAX_WORDS * self.bits)
     for r in range(MAX_WORDS):  # a quantity has at most one word of each rank
       at = word_at[rank == r]
-      key[mention[at]] |= ids[at] << (self.bits * r)
+      key[mention[at]] |= ids[at].astype(np.int64) << (self.bits * r)
 
     # Items (quantities and numbers) in order, each with its problem and region.
     item_at = np.flatnonzero(starts | (k == NUMBER))
@@ -159,7 +160,7 @@ class _Problems:
     item[item_is_quantity] = key
 
     question_items = in_question[item_at]
-    if np.any(np.bincount(example[item_at[question_items & item_is_quantity]], minlength=batch) != 1):
+    if np.any(np.bincount(problem_of(item_at[question_items & item_is_quantity]), minlength=batch) != 1):
       raise IllDefined("every question must name exactly one quantity")
     self.asked = item[question_items & item_is_quantity]  # [batch] keys, in problem order
 
@@ -167,10 +168,11 @@ class _Problems:
     ends = (k == END) & in_body
     if not np.all(ends[end - 3]):
       raise IllDefined("every problem's statements must end with '.'")
-    sentence_of = np.cumsum(ends) - ends
-    n = int(ends.sum())
-    self.num_statements = np.bincount(example[ends], minlength=batch)
-    self.example = example[ends]  # [n] the problem of each statement
+    sentence_of = np.cumsum(ends, dtype=np.int32) - ends
+    end_at = np.flatnonzero(ends)
+    n = len(end_at)
+    self.example = problem_of(end_at)  # [n] the problem of each statement
+    self.num_statements = np.bincount(self.example, minlength=batch)
     body_items = in_body[item_at]
     item_sentence = sentence_of[item_at[body_items]]
     is_quantity, item = item_is_quantity[body_items], item[body_items]

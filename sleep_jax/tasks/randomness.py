@@ -53,20 +53,26 @@ def example_keys(base: int, split: str, indices: np.ndarray) -> np.ndarray:
 
 
 @_wrapping
-def draws(keys: np.ndarray, stream: int, count: int) -> np.ndarray:
-  """``count`` independent uint64 draws per key from sub-stream ``stream``: uint64 [b, count]."""
+def draws(keys: np.ndarray, stream: int, count: int, start: int = 0) -> np.ndarray:
+  """Draws ``start .. start + count - 1`` of sub-stream ``stream`` of every key: uint64 [b, count].
+
+  Draw i of a stream depends on (key, stream, i) only, so draws can be taken in pieces.
+  """
   stream_key = mix64(np.asarray(keys, dtype=np.uint64) ^ mix64(np.uint64(stream + 1) * _GOLDEN))
-  counters = np.arange(1, count + 1, dtype=np.uint64) * _COUNTER_STEP
+  counters = np.arange(start + 1, start + count + 1, dtype=np.uint64) * _COUNTER_STEP
   return mix64(stream_key[:, None] + counters[None, :])
 
 
-def below(values: np.ndarray, n) -> np.ndarray:
+def below(values: np.ndarray, n, *, low_half: bool = False) -> np.ndarray:
   """Maps uint64 draws to integers in [0, n) with the multiply-shift method: int64.
 
-  ``n`` may be an int or an array broadcastable against ``values``; the bias is below 2**-32 n.
+  Uses the draws' high 32 bits, or their low 32 bits with ``low_half`` (two independent integers
+  from one draw). ``n`` may be an int or an array broadcastable against ``values``; the bias is
+  below n / 2**32.
   """
-  high = (np.asarray(values, dtype=np.uint64) >> np.uint64(32)).astype(np.uint64)
-  return ((high * np.asarray(n, dtype=np.uint64)) >> np.uint64(32)).astype(np.int64)
+  values = np.asarray(values, dtype=np.uint64)
+  half = (values & np.uint64(0xFFFFFFFF)) if low_half else (values >> np.uint64(32))
+  return ((half * np.asarray(n, dtype=np.uint64)) >> np.uint64(32)).astype(np.int64)
 
 
 @_wrapping
@@ -82,9 +88,10 @@ def permute_index(positions: np.ndarray, seed, bits: int) -> np.ndarray:
   mask = np.uint64((1 << bits) - 1)
   x = np.asarray(positions, dtype=np.uint64) & mask
   seed = np.asarray(seed, dtype=np.uint64)
+  round_keys = mix64(seed[..., None] * _GOLDEN + np.arange(1, 5, dtype=np.uint64))  # [... 4]
   shift = np.uint64(bits // 2)
-  for r in range(1, 5):
-    x = (x + mix64(seed * _GOLDEN + np.uint64(r))) & mask
+  for r in range(4):
+    x = (x + round_keys[..., r]) & mask
     x = (x * _MUL1) & mask  # odd multiplier: invertible modulo 2**bits
     x = x ^ (x >> shift)
   return x.astype(np.int64)
