@@ -160,6 +160,12 @@ def test_tfds_split_round_trip(tmp_path, name, params):
       assert record[key].dtype == generated[key].dtype
       np.testing.assert_array_equal(record[key], generated[key][i])
     assert record["group"] == generated["group"][i] and record["index"] == i
+  # Plain TFDS reads it too, by name.
+  import tensorflow_datasets as tfds
+
+  name = f"{storage.dataset_name(task)}/{task.config_name()}:{storage.VERSION}"
+  plain = tfds.data_source(name, data_dir=str(tmp_path), split="test")
+  np.testing.assert_array_equal(plain[3]["tokens"], generated["tokens"][3])
   from_disk = list(data.eval_batches(task, 16, data_dir=tmp_path))
   from_task = list(data.eval_batches(task, 16))
   for a, b in zip(from_disk, from_task, strict=True):

@@ -182,6 +182,8 @@ class Task:
     if indices.size and (indices.min() < 0 or indices.max() >= size):
       bad = indices[(indices < 0) | (indices >= size)][0]
       raise ValueError(f"index must be in [0, {size}) for split '{split}', got {bad}")
+    if not indices.size:
+      return dict(self.empty_batch(0), group=np.zeros(0, np.int32), index=indices)
     keys = randomness.example_keys(self._key, split, indices)
     batch = self._generate(split, indices, keys)
     batch["index"] = indices
@@ -283,6 +285,7 @@ def _fmt(value: Any, sep: str = ",") -> str:
 
 
 def collapse_pads(tokens: list[str]) -> list[str]:
+  """Token strings with every run of padding replaced by one ``<pad>×n``."""
   out, run = [], 0
   for tok in tokens + [None]:
     if tok == PAD:
