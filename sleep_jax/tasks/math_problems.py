@@ -27,7 +27,7 @@ paper    2000    2001-3300    4000      1-8
 ``seq_len`` is ``length`` high rounded up to a multiple of L, and ``length`` low is raised so the
 answer always lands in the last window: e.g. ``scale="paper", window=512`` gives T = 3584 and
 lengths 3073-3300. A problem's length is drawn by adding distractors, in order, while they fit a
-target drawn uniformly from [low + 28, high] (28 tokens is the longest statement), so every length
+target drawn uniformly from [low + 27, high] (27 tokens is the longest statement), so every length
 lies in [low, high].
 
 Generation is vectorised over a batch: each problem's answer tree (a handful of statements) is
