@@ -9,6 +9,7 @@
 """
 
 from sleep_jax import ops
+from sleep_jax import tasks
 from sleep_jax.config import ModelConfig
 from sleep_jax.model import Params
 from sleep_jax.model import WindowCache
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig", "Params", "WindowCache", "evict", "init", "init_cache", "init_state", "loss",
-    "ops", "score", "sleep", "sleep_window", "wake",
+    "ops", "score", "tasks", "sleep", "sleep_window", "wake",
 ]
