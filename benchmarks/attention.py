@@ -1,0 +1,183 @@
+"""Times the model's attention op: `jax.nn.dot_product_attention`, full causal vs sliding window.
+
+Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x mode.
+
+* `causal`: `is_causal=True` over T tokens (the model's path when it attends over a whole window
+  without a cache, and the full-attention baseline);
+* `sliding`: `is_causal=True, local_window_size=(L - 1, 0)`: every query sees itself and the
+  L - 1 tokens before it;
+* `sliding_mask`: the same attention pattern as an explicit boolean mask, the way the model's
+  window-cache path in `sleep_jax/layers.py` builds it, to show what the mask costs.
+
+FLOPs count the query-key pairs that are visible: `4 D` per pair and head for the forward pass
+(scores and values), forward+backward counted as 3 forwards (a fused kernel that recomputes the
+scores in the backward pass does more work than that). Run from the repository root:
+
+    python -m benchmarks.attention                           # GPU sizes on a GPU, small on CPU
+    python -m benchmarks.attention --seq_lens=1024,4096 --impls=cudnn --modes=fwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+
+IMPLS = ("xla", "cudnn")
+MASKS = ("causal", "sliding", "sliding_mask")
+MODES = ("fwd", "fwdbwd")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seq_lens", help="T values (default GPU 1024..16384, CPU 256,512,1024)")
+  parser.add_argument("--window", type=int,
+                      help="L of the sliding window (default GPU 2048, CPU 128)")
+  parser.add_argument("--batch", type=int, help="B (default GPU 4, CPU 1)")
+  parser.add_argument("--heads", type=int, help="H (default GPU 16, CPU 4)")
+  parser.add_argument("--head_dim", type=int, help="D (default GPU 128, CPU 64)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="input dtype (default bfloat16 on accelerators, float32 on CPU)")
+  parser.add_argument("--impls", help=f"comma-separated among {IMPLS} (default GPU both, else xla)")
+  parser.add_argument("--masks", help=f"comma-separated among {MASKS} (default all)")
+  parser.add_argument("--modes", help=f"comma-separated among {MODES} (default both)")
+  parser.add_argument("--xla_max_gib", type=float, default=8.0,
+                      help="skip xla rows whose float32 score tensor B*H*T*T*4 bytes exceeds "
+                      "this many GiB (x3 for fwdbwd) (default %(default)s)")
+  common.add_common_flags(parser, runs=10)
+  args = parser.parse_args(argv)
+  common.check_common_flags(args)
+  small = common.quick(args)
+  gpu = common.backend() == "gpu"
+  args.seq_lens = common.int_list("--seq_lens", args.seq_lens,
+                                  (256, 512, 1024) if small else (1024, 2048, 4096, 8192, 16384))
+  args.window = common.check_int("--window", args.window or (128 if small else 2048), 1)
+  args.batch = common.check_int("--batch", args.batch or (1 if small else 4), 1)
+  args.heads = common.check_int("--heads", args.heads or (4 if small else 16), 1)
+  args.head_dim = common.check_int("--head_dim", args.head_dim or (64 if small else 128), 1)
+  args.dtype = args.dtype or ("bfloat16" if common.is_accelerator() else "float32")
+  args.impls = common.str_list("--impls", args.impls, IMPLS if gpu else ("xla",), IMPLS)
+  args.masks = common.str_list("--masks", args.masks, MASKS, MASKS)
+  args.modes = common.str_list("--modes", args.modes, MODES, MODES)
+  if args.xla_max_gib <= 0:
+    raise ValueError(f"--xla_max_gib must be > 0, got {args.xla_max_gib}")
+  return args
+
+
+def attention_fn(impl: str, mask: str, window: int):
+  """q, k, v [b t h d] -> [b t h d] for one of the MASKS."""
+
+  def attend(q, k, v):
+    if mask == "causal":
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    if mask == "sliding":
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                          local_window_size=(window - 1, 0), implementation=impl)
+    pos = jnp.arange(q.shape[1])
+    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation=impl)
+
+  return attend
+
+
+def build(impl: str, mask: str, mode: str, window: int):
+  attend = attention_fn(impl, mask, window)
+  if mode == "fwd":
+    return jax.jit(attend)
+
+  def functional(q, k, v, cotangent):
+    return jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent)
+
+  return jax.jit(jax.grad(functional, argnums=(0, 1, 2)))
+
+
+def pairs_for(mask: str, t: int, window: int) -> int:
+  if mask == "causal":
+    return common.attention_pairs(t)
+  return common.attention_pairs(t, window=window)
+
+
+COLUMNS = (("impl", "impl", ""), ("mask", "mask", ""), ("mode", "mode", ""), ("T", "T", "d"),
+           ("median_ms", "median ms", ".3f"), ("min_ms", "min ms", ".3f"),
+           ("tflops_per_s", "TFLOP/s", ".3g"), ("compile_s", "compile s", ".1f"),
+           ("note", "note", ""))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> common.Results:
+  args = parse_args(argv)
+  results = common.Results("attention", args)
+  print(common.header_line("attention"))
+  b, h, d, L = args.batch, args.heads, args.head_dim, args.window
+  dtype = jnp.dtype(args.dtype)
+  print(f"B={b} H={h} D={d} L={L} dtype={args.dtype}")
+  rng = np.random.default_rng(args.seed)
+  for t in args.seq_lens:
+    sets = []
+    for _ in range(2):
+      q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), dtype) for _ in range(3))
+      cot = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+      sets.append((q, k, v, cot))
+    jobs, rows = {}, {}
+    for impl in args.impls:
+      for mask in args.masks:
+        for mode in args.modes:
+          key = (impl, mask, mode)
+          row = {"impl": impl, "mask": mask, "mode": mode, "T": t, "B": b, "H": h, "D": d,
+                 "window": L, "dtype": args.dtype}
+          score_gib = b * h * t * t * 4 * (3 if mode == "fwdbwd" else 1) / 2 ** 30
+          if impl == "xla" and score_gib > args.xla_max_gib:
+            row["note"] = f"skipped: {score_gib:.0f} GiB of scores > --xla_max_gib"
+          else:
+            fn_args = sets[0] if mode == "fwdbwd" else sets[0][:3]
+            jobs[key] = (build(impl, mask, mode, L), fn_args)
+          rows[key] = row
+    compiled = common.compile_many(jobs, args.compile_threads)
+    for key, row in rows.items():
+      fn = compiled.get(key)
+      if isinstance(fn, Exception):
+        row["note"] = "unavailable: " + common.describe_error(fn, 160)
+      elif fn is not None:
+        arg_sets = [s if row["mode"] == "fwdbwd" else s[:3] for s in sets]
+        timing = common.time_calls(fn, arg_sets, runs=args.runs, warmup=args.warmup)
+        flops = 4 * d * h * b * pairs_for(row["mask"], t, L) * (3 if row["mode"] == "fwdbwd" else 1)
+        row.update(timing.summary("ms"), flops=flops, tflops_per_s=flops / timing.median_s / 1e12,
+                   compile_s=fn.compile_s, temp_bytes=fn.temp_bytes)
+      results.add(row)
+    print(common.format_table([r for r in results.rows if r["T"] == t], COLUMNS))
+
+  results.summary["speedups"] = speedups(results.rows)
+  results.write()
+  print("\nspeedups (time of the first / time of the second)")
+  print(common.format_table(results.summary["speedups"],
+                            (("T", "T", "d"), ("mode", "mode", ""), ("what", "comparison", ""),
+                             ("speedup", "x", ".2f"))))
+  print(f"wrote {results.path}")
+  return results
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+  """causal over sliding per implementation, and xla over cudnn per mask."""
+  timed = {(r["impl"], r["mask"], r["mode"], r["T"]): r["median_ms"]
+           for r in rows if "median_ms" in r}
+  out = []
+  for (impl, mask, mode, t), ms in sorted(timed.items(), key=lambda kv: (kv[0][3], kv[0][2])):
+    if mask == "sliding" and (impl, "causal", mode, t) in timed:
+      out.append({"T": t, "mode": mode, "what": f"{impl}: causal / sliding",
+                  "speedup": timed[(impl, "causal", mode, t)] / ms})
+    if mask == "sliding" and (impl, "sliding_mask", mode, t) in timed:
+      out.append({"T": t, "mode": mode, "what": f"{impl}: sliding_mask / sliding",
+                  "speedup": timed[(impl, "sliding_mask", mode, t)] / ms})
+    if impl == "cudnn" and ("xla", mask, mode, t) in timed:
+      out.append({"T": t, "mode": mode, "what": f"{mask}: xla / cudnn",
+                  "speedup": timed[("xla", mask, mode, t)] / ms})
+  return out
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

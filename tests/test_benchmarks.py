@@ -1,0 +1,278 @@
+"""The model-level benchmarks: FLOP counts against the matmuls in the traced programs, the timing
+helpers, and tiny smoke runs of every script (their JSON must hold consistent rows)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sleep_jax
+from sleep_jax import model as model_lib
+from sleep_jax import ops
+
+from benchmarks import attention
+from benchmarks import common
+from benchmarks import sleep_cost
+from benchmarks import train_step
+from benchmarks import wake_latency
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general in a jaxpr, sub-jaxprs included (scans times their
+  length). Written from the dot_general shape rule, independent of the benchmarks' formulas."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      total += 2 * math.prod(out) * math.prod(lhs[i] for i in lhs_contract)
+    assert eqn.primitive.name not in ("while", "cond"), "unexpected control flow"
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          total += repeat * jaxpr_matmul_flops(getattr(sub, "jaxpr", sub))
+  return total
+
+
+def traced_flops(fn, *args) -> int:
+  return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def make_params(**kw):
+  """Abstract parameters (shapes only): tracing needs no values, and no compiled init."""
+  cfg = sleep_jax.ModelConfig(**dict(dict(vocab_size=13, d_model=16, num_heads=2), **kw))
+  return jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+@pytest.mark.parametrize("t,prefix,window", [(7, 0, None), (9, 0, 4), (5, 3, 4), (6, 11, 8)])
+def test_attention_pairs_count_an_explicit_mask(t, prefix, window):
+  q = prefix + np.arange(t)[:, None]
+  k = np.arange(prefix + t)[None, :]
+  visible = k <= q
+  if window is not None:
+    visible &= k > q - window
+  assert common.attention_pairs(t, prefix=prefix, window=window) == int(visible.sum())
+
+
+@pytest.mark.parametrize("layout", ["AA", "a"])
+def test_pass_flops_equal_the_matmuls_of_a_forward_pass(layout):
+  params = make_params(layout=layout, eviction="none", window=12)
+  t = 12
+  tokens = jnp.ones((1, t), jnp.int32)
+
+  def forward(weights):
+    p = params.replace(weights=weights)
+    state = sleep_jax.init_state(p, 1)
+    h, _, _ = model_lib.forward_pass(p, model_lib.embed(p, tokens), state, None)
+    return model_lib.logits_from_hidden(p, h)
+
+  # The XLA attention path scores every query against every key (t * t pairs).
+  expected = common.pass_flops(params.config, t, t * t, logits=True)
+  assert traced_flops(forward, params.weights) == sum(expected.values())
+
+
+def test_pass_flops_of_a_fast_weight_block_are_its_projections_plus_the_op():
+  params = make_params(layout="G", eviction="none", window=16, delta_impl="chunked", chunk_size=8)
+  cfg = params.config
+  t, h, k = 16, cfg.num_heads, cfg.resolved_head_dim
+  tokens = jnp.ones((1, t), jnp.int32)
+
+  def forward(weights):
+    p = params.replace(weights=weights)
+    h_out, _, _ = model_lib.forward_pass(p, model_lib.embed(p, tokens),
+                                         sleep_jax.init_state(p, 1), None)
+    return h_out
+
+  def op(q, key, v, beta, log_alpha, s):
+    return ops.gated_delta_rule(q, key, v, beta, log_alpha, initial_state=s, impl="chunked",
+                                chunk_size=8)
+
+  x = jnp.ones((1, t, h, k))
+  op_flops = traced_flops(op, x, x, x, jnp.ones((1, t, h)), -jnp.ones((1, t, h)),
+                          jnp.zeros((1, h, k, k)))
+  parts = common.pass_flops(cfg, t, 0, logits=False)
+  assert parts["delta_rule"] > 0
+  assert traced_flops(forward, params.weights) - op_flops == (
+      parts["projections"] + parts["mlp"])
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_loss_flops_count_passes_per_window_and_logits_on_prediction_windows(eviction):
+  params = make_params(layout="Aa", window=8, eviction=eviction)
+  layout, n, seq = (True, True, False, True), 3, 32
+  batch = {"tokens": jnp.ones((2, seq), jnp.int32), "targets": jnp.ones((2, seq), jnp.int32),
+           "loss_mask": jnp.asarray(np.repeat(~np.asarray(layout), 8)[None].repeat(2, 0))}
+
+  def objective(weights):
+    return sleep_jax.loss(params.replace(weights=weights), batch, n,
+                          consolidation_windows=layout)[0]
+
+  computed = common.loss_flops(params.config, seq, layout, n, computed=True)
+  assert traced_flops(objective, params.weights) == 2 * sum(computed.values())
+  visible = common.loss_flops(params.config, seq, layout, n)
+  assert visible["attention"] < computed["attention"]
+  assert {k: v for k, v in visible.items() if k != "attention"} == {
+      k: v for k, v in computed.items() if k != "attention"}
+
+
+def test_peak_flops_from_device_kind():
+  assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert common.peak_flops("NVIDIA H200") == 989e12
+  assert common.peak_flops("TPU v5 lite") == 197e12
+  assert common.peak_flops("TPU v5p") == 459e12
+  assert common.peak_flops("TPU v5") == 459e12
+  assert common.peak_flops("TPU v6 lite") == 918e12
+  assert common.peak_flops("cpu") is None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_time_calls_rotates_inputs_after_warmup():
+  seen = []
+  timing = common.time_calls(lambda x: seen.append(x) or jnp.asarray(x), [(0,), (1,), (2,)],
+                             runs=4, warmup=2)
+  assert seen == [0, 1, 2, 0, 1, 2]
+  assert len(timing.times_s) == 4 and timing.min_s <= timing.median_s
+
+
+def test_time_interleaved_alternates_chains_and_feeds_outputs_back():
+  calls = []
+
+  def stepper(name):
+    def step(carry, x):
+      calls.append((name, carry, x))
+      return carry + x
+    return step
+
+  timings = common.time_interleaved([(stepper("a"), 0), (stepper("b"), 100)], [1, 2],
+                                    runs=2, warmup=1)
+  assert calls == [("a", 0, 1), ("b", 100, 1), ("a", 1, 2), ("b", 101, 2), ("a", 3, 1),
+                   ("b", 103, 1)]
+  assert [len(t.times_s) for t in timings] == [2, 2]
+
+
+def test_flag_parsers_name_the_flag():
+  assert common.int_list("--x", "1, 2,4", ()) == (1, 2, 4)
+  assert common.int_list("--x", None, (3,)) == (3,)
+  with pytest.raises(ValueError, match="--windows"):
+    common.int_list("--windows", "8,zero", ())
+  with pytest.raises(ValueError, match="--passes"):
+    common.int_list("--passes", "0", ())
+  with pytest.raises(ValueError, match="--impls"):
+    common.str_list("--impls", "xla,flash", (), ("xla", "cudnn"))
+  with pytest.raises(ValueError, match="--runs"):
+    attention.main(["--runs=0"])
+  with pytest.raises(ValueError, match="--contexts"):
+    wake_latency.main(["--contexts=64,32"])
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def load(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_attention_smoke(tmp_path):
+  results = attention.main(["--quick", "--seq_lens=16,24", "--window=8", "--heads=2",
+                            "--head_dim=8", "--runs=2", "--warmup=1", f"--out_dir={tmp_path}"])
+  data = load(tmp_path / "attention_cpu.json")
+  assert len(data["rows"]) == 2 * 3 * 2 == len(results.rows)
+  for row in data["rows"]:
+    pairs = common.attention_pairs(row["T"], window=None if row["mask"] == "causal" else 8)
+    assert row["flops"] == 4 * 8 * 2 * 1 * pairs * (3 if row["mode"] == "fwdbwd" else 1)
+    assert row["median_ms"] > 0
+    assert row["tflops_per_s"] == pytest.approx(row["flops"] / row["median_ms"] / 1e9)
+  assert {s["what"] for s in data["summary"]["speedups"]} == {
+      "xla: causal / sliding", "xla: sliding_mask / sliding"}
+
+
+def test_wake_latency_smoke(tmp_path):
+  wake_latency.main(["--quick", "--contexts=4,12", "--d_model=16", "--heads=2",
+                     "--layout=AG", "--window=8", "--vocab=16", "--variants=donated", "--n=1",
+                     "--runs=2", "--warmup=1", f"--out_dir={tmp_path}"])
+  data = load(tmp_path / "wake_latency_cpu.json")
+  sleep_rows = [r for r in data["rows"] if r["model"] == "sleep"]
+  full_rows = [r for r in data["rows"] if r["model"] == "full_attention"]
+  assert [r["context"] for r in sleep_rows] == [r["context"] for r in full_rows] == [4, 12]
+  for r in sleep_rows:   # really streamed, with a boundary every 8 tokens
+    assert (r["tokens_streamed"], r["windows_slept"], r["cache_fill"]) == (
+        r["context"], r["context"] // 8, r["context"] % 8)
+    assert r["cache_capacity"] == 8
+  for r in full_rows:
+    assert (r["cache_fill"], r["cache_capacity"]) == (r["context"], r["context"] + 3)
+  assert all(r["median_us"] > 0 for r in data["rows"])
+  summary = data["summary"]
+  assert summary["sleep_latency_12_over_4"] == pytest.approx(
+      sleep_rows[1]["median_us"] / sleep_rows[0]["median_us"])
+  with open(tmp_path / "wake_latency_cpu.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wake_latency_rejects_steps_that_overflow_the_window_cache():
+  with pytest.raises(ValueError, match="--runs"):
+    wake_latency.main(["--quick", "--contexts=7", "--window=8", "--runs=2", "--warmup=1"])
+
+
+def test_sleep_cost_smoke(tmp_path):
+  sleep_cost.main(["--quick", "--windows=8", "--passes=2", "--batch=1", "--d_model=16",
+                   "--heads=2", "--layout=AG", "--vocab=16", "--runs=2", "--warmup=1",
+                   f"--out_dir={tmp_path}"])
+  (row,) = load(tmp_path / "sleep_cost_cpu.json")["rows"]
+  assert (row["L"], row["N"]) == (8, 2)
+  assert row["sleep_over_n_prefills"] == pytest.approx(row["sleep_ms"] / (2 * row["prefill_ms"]))
+  assert row["boundary_over_prefills"] == pytest.approx(row["boundary_ms"] / row["prefill_ms"])
+  assert row["boundary_over_passes"] == pytest.approx(row["boundary_ms"] / row["pass_ms"])
+  assert row["tokens_per_s"] == pytest.approx(8 / (row["sleep_ms"] / 1e3))
+
+
+def test_train_step_smoke(tmp_path):
+  train_step.main(["--configs=tiny", "--passes=2", "--runs=1", "--warmup=1",
+                   "--peak_tflops=1", f"--out_dir={tmp_path}"])
+  (row,) = load(tmp_path / "train_step_cpu.json")["rows"]
+  preset = train_step.PRESETS["tiny"]
+  cfg = sleep_jax.ModelConfig(**preset.config)
+  forward = common.loss_flops(cfg, preset.seq_len, preset.consolidation, 2)
+  assert row["flops_per_step"] == 3 * preset.quick_batch * sum(forward.values())
+  assert row["mfu"] == pytest.approx(row["flops_per_step"] / (row["step_ms"] / 1e3) / 1e12)
+  assert row["tokens_per_s"] == pytest.approx(
+      preset.quick_batch * preset.seq_len / (row["step_ms"] / 1e3))
+  assert math.isfinite(row["loss"])
+
+
+def test_run_gpu_script_plan_and_import_path(tmp_path):
+  out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), str(tmp_path)],
+                       env=dict(os.environ, BENCH_DRY_RUN="1"), capture_output=True, text=True,
+                       check=True).stdout
+  lines = [l for l in out.splitlines() if ": timeout " in l]
+  assert [l.split(":")[0] for l in lines] == [
+      "== ops", "== attention", "== wake_latency", "== sleep_cost", "== train_step"]
+  assert f"--out={tmp_path}/ops_gpu.json" in lines[0]
+  assert all(f"--out_dir={tmp_path}" in l for l in lines[1:])
+  caps = [int(l.split("timeout ")[1].split("s:")[0]) for l in lines[:-1]]
+  assert sum(caps) + 120 <= 390   # at least 120 s are always left for train_step
+  # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
+  code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
+          "benchmarks.train_step; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('grain', 'tensorflow_datasets', 'ml_collections', 'tensorflow')))")
+  loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  assert loaded == "[]"
