@@ -2,7 +2,8 @@
 
 Prints a table and writes JSON. Each timed call gets the next of several random input sets
 (never zeros); after compilation and warm-up, the median of ``--runs`` calls is reported,
-with ``block_until_ready`` on every output. Forward+backward is the gradient of a random
+with ``block_until_ready`` on every output. The implementations take turns call by call,
+so that background load on a shared machine affects their ratio as little as possible. Forward+backward is the gradient of a random
 linear functional of ``(o, final_state)`` with respect to all six inputs.
 
 FLOP counts per token per head (the chunked form, C = chunk size): ``6 Dk Dv + C (6 Dk +
@@ -113,15 +114,20 @@ def _compile(fn: Callable, args) -> tuple[Callable, float, int | None]:
   return compiled, compile_s, temp_bytes
 
 
-def _time_calls(fn: Callable, input_sets: list, runs: int, warmup: int) -> list[float]:
+def _time_interleaved(fns: dict[str, Callable], input_sets: list, runs: int,
+                      warmup: int) -> dict[str, list[float]]:
+  """Seconds per call of each function. The functions take turns call by call, so that
+  on a shared machine they see the same background load and their ratio stays fair."""
   for i in range(warmup + 1):
-    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-  times = []
+    for fn in fns.values():
+      jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+  times = {name: [] for name in fns}
   for i in range(runs):
     args = input_sets[i % len(input_sets)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
   return times
 
 
@@ -216,27 +222,34 @@ def main(argv):
     cotangents = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
                   jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
     for mode in _MODES.value:
+      compiled = {}
       for impl in _IMPLS.value:
-        row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
-               "dtype": dtype_name, "rule": _RULE.value, "chunk_size": _CHUNK.value}
         kept_gib = t * b * h * d * d * 4 / 2 ** 30
         if impl == "scan" and mode == "fwdbwd" and kept_gib > _SCAN_BWD_MAX_GIB.value:
-          row["skipped"] = f"scan backward would keep {kept_gib:.1f} GiB of states"
-          rows.append(row)
-          print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  skipped ({row['skipped']})")
+          compiled[impl] = f"scan backward would keep {kept_gib:.1f} GiB of states"
           continue
         fn, compile_s, temp_bytes = _compile(
             _build(impl, mode, _RULE.value, _CHUNK.value, cotangents), input_sets[0])
-        times = _time_calls(fn, input_sets, _RUNS.value, _WARMUP.value)
-        median = statistics.median(times)
-        flop_impl = resolve_impl(impl)
-        flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
-                 * _flops_per_token_head(flop_impl, _RULE.value, d, d, min(_CHUNK.value, t)))
-        row.update(median_ms=1e3 * median, min_ms=1e3 * min(times), runs=len(times),
-                   compile_s=compile_s, flops=flops, gflops_per_s=flops / median / 1e9,
-                   temp_bytes=temp_bytes)
+        compiled[impl] = (fn, compile_s, temp_bytes)
+      runnable = {i: c[0] for i, c in compiled.items() if not isinstance(c, str)}
+      times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
+      for impl in _IMPLS.value:
+        row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
+               "dtype": dtype_name, "rule": _RULE.value, "chunk_size": _CHUNK.value}
         rows.append(row)
-        temp = "" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2 ** 20:9.1f}"
+        if isinstance(compiled[impl], str):
+          row["skipped"] = compiled[impl]
+          print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  skipped ({row['skipped']})")
+          continue
+        _, compile_s, temp_bytes = compiled[impl]
+        median = statistics.median(times[impl])
+        flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
+                 * _flops_per_token_head(resolve_impl(impl), _RULE.value, d, d,
+                                         min(_CHUNK.value, t)))
+        row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
+                   runs=len(times[impl]), compile_s=compile_s, flops=flops,
+                   gflops_per_s=flops / median / 1e9, temp_bytes=temp_bytes)
+        temp = "" if temp_bytes is None else f"{temp_bytes / 2 ** 20:9.1f}"
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
               f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9}")
     _write_json(out_path, rows, [])   # partial results survive a later failure
