@@ -200,7 +200,7 @@ def chunked_delta_rule(
   if rule == "gated_delta":
     # Corrected values u solve (I + A) u = beta v - beta exp(from_start) k S_0, with
     # A[c, s] = beta_c exp(sum_{s<i<=c} log_alpha_i) (k_c . k_s) for s < c. Writing
-    # u = u0 - w S_0, both u0 and w come from one triangular solve per chunk.
+    # u = u0 - w S_0, both u0 and w come from one triangular inverse per chunk.
     idx = jnp.arange(chunk)
     strictly_lower = idx[:, None] > idx[None, :]
     gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
@@ -220,19 +220,22 @@ def chunked_delta_rule(
 
     xs = (u0, w, k_to_end, chunk_decay)
   else:
-    u_all = beta[..., None] * v.astype(jnp.float32)
+    # Hebbian: nothing is corrected, u = beta v does not depend on the state.
+    u_hebbian = beta[..., None] * v.astype(jnp.float32)
 
     def chunk_step(state, xs):
       u_n, k_end_n, decay_n = xs
       new_state = decay_n[..., None, None] * state + jnp.einsum(
           "bhck,bhcv->bhkv", k_end_n, u_n, precision=_HIGHEST)
-      return new_state, (state, u_n)
+      return new_state, (state, None)
 
-    xs = (u_all, k_to_end, chunk_decay)
+    xs = (u_hebbian, k_to_end, chunk_decay)
 
   # Remat keeps only the carried state per chunk for the backward pass.
   final_state, (start_states, u) = jax.lax.scan(
       jax.checkpoint(chunk_step, prevent_cse=False), initial_state, xs)
+  if rule != "gated_delta":
+    u = u_hebbian
 
   inter = _matmul("nbhck,nbhkv->nbhcv", q, start_states, dtype)
   intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
