@@ -15,6 +15,7 @@ non-finite loss or gradient saves the last good state and stops with an error.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as std_logging
 import math
 import re
@@ -177,6 +178,31 @@ def validate(config: config_dict.ConfigDict) -> Run:
              eval_batch_size=eval_batch_size, eval_examples=config.eval_examples)
 
 
+# Fields that define what a checkpoint holds: a workdir cannot resume with other values.
+_RUN_IDENTITY = ("task", "model", "n", "seed", "data_seed")
+
+
+def _check_same_run(config: config_dict.ConfigDict, workdir: epath.Path) -> None:
+  """Refuses to resume a workdir whose checkpoints belong to another task, model, N or seed."""
+  saved_path = workdir / "config.json"
+  if not (saved_path.exists() and (workdir / "checkpoints").exists()):
+    return
+  saved = json.loads(saved_path.read_text())
+  current = json.loads(config.to_json_best_effort())
+  changed = []
+  for field in _RUN_IDENTITY:
+    old, new = saved.get(field), current.get(field)
+    if isinstance(old, dict) and isinstance(new, dict):
+      changed += [f"{field}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    elif old != new:
+      changed.append(field)
+  if changed:
+    raise ConfigError(
+        f"--workdir {workdir} holds checkpoints of a run with other values of "
+        f"{', '.join('--config.' + c for c in changed)}; use a new --workdir (or delete that one) "
+        "to train this config")
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -199,6 +225,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
     # Takes effect when set before this process compiles anything (the command line does).
     jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   workdir = epath.Path(workdir)
+  _check_same_run(config, workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -269,9 +296,9 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
     state, start_step = restored
     log.info("resumed from the checkpoint at step %d in %s", start_step, workdir)
   log.info("%s: %s, %s parameters, n=%d, %d steps of %d examples (T=%d, L=%d), mesh %s, "
-               "%.3g training FLOPs per example", task.name, model_config.layout,
-               f"{num_params:,}", config.n, run.steps, config.batch_size, task.seq_len,
-               task.window, dict(mesh.shape), flops_per_example)
+           "%.3g training FLOPs per example", task.name, model_config.layout,
+           f"{num_params:,}", config.n, run.steps, config.batch_size, task.seq_len, task.window,
+           dict(mesh.shape), flops_per_example)
 
   # ---- step: one update; a non-finite loss, gradient or update leaves the state unchanged.
   n, grad_passes = config.n, config.grad_passes
@@ -299,7 +326,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
                                      rng=state.rng)
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     metrics = {"loss": loss, "accuracy": metrics["accuracy"], "exact": metrics["exact"],
-               "grad_norm": grad_norm, "finite": finite}
+               "grad_norm": grad_norm}
     return state, metrics
 
   abstract_batch = {

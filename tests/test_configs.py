@@ -181,6 +181,7 @@ def test_smoke_presets_train_two_steps(task, tmp_path):
 @pytest.mark.parametrize("task, arg", ALL)
 def test_every_config_trains_two_steps_at_a_tiny_size(task, arg, tmp_path):
   result = trainer.train(tiny(configs.get(task, arg)), str(tmp_path))
-  assert result["step"] == 2 and np.isfinite(result["loss"])
+  # Two steps, or as many as match their FLOPs for the compute-matched baseline.
+  assert result["step"] == result["steps"] >= 2 and np.isfinite(result["loss"])
   groups = [k for k in result if k.startswith("eval/") and k.endswith("/accuracy")]
   assert "eval/all/accuracy" in groups and len(groups) >= 2

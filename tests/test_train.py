@@ -131,6 +131,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
   assert saved_steps(workdir) == [2, 4]
 
 
+def test_a_workdir_of_another_run_is_not_resumed(uninterrupted):
+  reference, _ = uninterrupted
+  with pytest.raises(trainer.ConfigError, match=r"--config\.n\b.*new --workdir"):
+    trainer.train(smoke(n=3), reference)
+  with pytest.raises(trainer.ConfigError, match=r"--config\.model\.d_model"):
+    trainer.train(smoke(**{"model.d_model": 64}), reference)
+  assert saved_steps(reference) == [2, 4]
+
+
 def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, monkeypatch):
   original = data.TrainBatches.__getitem__
 

@@ -6,7 +6,7 @@
     python -m experiments.train --config=experiments/configs/cellular_automaton.py:paper --config.n=3 --workdir=runs/ca_t32_n3
     python -m experiments.train --config=experiments/configs/cellular_automaton.py:paper,compute_matched --workdir=runs/ca_t32_n1_cm
 
-Presets: `smoke` (seconds; tests), `small` (t = 8, d = 128; one CPU in under 30 minutes),
+Presets: `smoke` (seconds; tests), `small` (t = 8, d = 64; one CPU in under 30 minutes),
 `paper` (t = 32, 4 blocks AGAG, d = 256, batch 512, Muon lr 2e-3, AdamW lr 5e-5; the paper trains
 N in {1, 2, 3, 4}: set `--config.n`). Append `,<variant>` for a baseline (see baselines.py).
 """
@@ -21,8 +21,8 @@ def _smoke(c):
 
 def _small(c):
   c.task.params.t = 8
-  common.set_model(c, d_model=128, num_heads=4, layout="AGAG")
-  common.set_run(c, n=2, batch_size=64, steps=1500, muon_lr=2e-3, warmup_steps=100,
+  common.set_model(c, d_model=64, num_heads=4, layout="AGAG")
+  common.set_run(c, n=2, batch_size=32, steps=1500, muon_lr=2e-3, warmup_steps=100,
                  eval_every=250, eval_examples=512, checkpoint_every=250, log_every=25)
 
 
