@@ -87,7 +87,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, runs: int = 10,
                       help="untimed calls after compilation (default %(default)s)")
   parser.add_argument("--quick", action="store_true",
                       help="small CPU-sized defaults on any backend (always on for the CPU)")
-  parser.add_argument("--compile_threads", type=int, default=min(8, os.cpu_count() or 1),
+  parser.add_argument("--compile_threads", type=int, default=min(16, os.cpu_count() or 1),
                       help="compilations run at once (default %(default)s)")
   parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
 

@@ -49,10 +49,10 @@ run() {
   echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
-run ops 70 330 -m benchmarks.ops --out="$OUT_DIR/ops_gpu.json" --runs=5
+run ops 60 330 -m benchmarks.ops --out="$OUT_DIR/ops_gpu.json" --runs=5
 run attention 45 285 -m benchmarks.attention --out_dir="$OUT_DIR"
 run wake_latency 85 200 -m benchmarks.wake_latency --out_dir="$OUT_DIR"
-run sleep_cost 80 120 -m benchmarks.sleep_cost --out_dir="$OUT_DIR"
+run sleep_cost 90 110 -m benchmarks.sleep_cost --out_dir="$OUT_DIR"
 run train_step 0 0 -m benchmarks.train_step --out_dir="$OUT_DIR"
 
 rm -f "$OUT_DIR"/*.json.tmp

@@ -1,14 +1,14 @@
 """Per-token wake latency of a sleep model vs a same-size full-attention model, over context length.
 
 The sleep model (default GPU sizes: 8 blocks `AGAGAGAG`, d = 2048, 16 heads of 128, L = 2048,
-hard eviction, n = 4) really streams the context: `sleep_jax.streaming.Stream` is fed the tokens
-window by window (a wake prefill per window, then the boundary's sleep passes and eviction), so
-the fast-weight state and the window cache are exactly those after C tokens. Then one-token
-steps of the jitted `sleep_jax.wake` are timed from a copy of that state and cache (boundaries
-are never timed; a step's cost cannot depend on C because the window cache has a fixed capacity,
-L slots under hard eviction, and the state a fixed size; the cache fill at the first timed step,
-C mod L, is recorded). The steps of every context are timed in one loop, one step of each in
-turn, so that background load cannot pose as a trend over context.
+hard eviction, n = 4) really streams the context: `sleep_jax.streaming.Stream` is fed the
+tokens in pieces of up to a window (wake prefills, then at every boundary the sleep passes and
+eviction), so the fast-weight state and the window cache are exactly those after C tokens.
+Then one-token steps of the jitted `sleep_jax.wake` are timed from a copy of that state and
+cache (boundaries are never timed; a step's cost cannot depend on C because the window cache
+has a fixed capacity, L slots under hard eviction, and the state a fixed size; the cache fill at
+the first timed step, C mod L, is recorded). The steps of every context are timed in one loop,
+one step of each in turn, so that background load cannot pose as a trend over context.
 
 The full-attention model has the same width and depth with every block attention
 (`ModelConfig(layout="AAAAAAAA", eviction="none")`) and decodes one token behind a KV cache
@@ -29,6 +29,7 @@ A PNG plots latency against context. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -97,14 +98,23 @@ def cast_weights(params: Params, dtype) -> Params:
       lambda w: w.astype(dtype) if w.ndim >= 2 else w, params.weights))
 
 
-def stream_to(stream: Stream, context: int, rng: np.random.Generator, vocab: int) -> None:
-  """Feeds random tokens until the stream has seen `context` tokens, one window at a time."""
+def stream_to(stream: Stream, context: int, rng: np.random.Generator, vocab: int,
+              chunk: int) -> None:
+  """Feeds random tokens until the stream has seen `context` tokens, in pieces of at most `chunk`
+  tokens that never cross a window boundary (the stream sleeps at each boundary)."""
   L = stream.params.config.window
   while stream.tokens_seen < context:
-    take = min(context - stream.tokens_seen, L - stream.position)
+    take = min(context - stream.tokens_seen, L - stream.position, chunk)
     tokens = rng.integers(1, vocab, size=(stream.batch_size, take), dtype=np.int32)
     stream.feed(tokens)
   jax.block_until_ready(stream.state)
+
+
+def feed_chunk(window: int, contexts: Sequence[int]) -> int:
+  """One piece size that reaches every context and window end exactly (one compiled shape), if it
+  is not too small; else the window."""
+  size = math.gcd(window, *contexts)
+  return size if size >= max(1, window // 8) else window
 
 
 def filled_cache(params: Params, batch: int, capacity: int, length: int,
@@ -201,16 +211,17 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
   stream = Stream(params["sleep"], b, args.n)
   start = time.perf_counter()
   snapshots = {}
+  chunk = feed_chunk(args.window, args.contexts)
   for c in args.contexts:
-    stream_to(stream, c, rng, args.vocab)
+    stream_to(stream, c, rng, args.vocab, chunk)
     fill = int(stream.cache.length)
     assert fill == expected_fill(cfg, c), (fill, c)
     snapshots[c] = dict(state=jax.tree.map(jnp.copy, stream.state),
                         cache=jax.tree.map(jnp.copy, stream.cache), cache_fill=fill,
                         tokens_streamed=stream.tokens_seen, windows_slept=stream.windows_slept)
   stream_s = time.perf_counter() - start
-  print(f"streamed {stream.tokens_seen} tokens through {stream.windows_slept} boundaries in "
-        f"{stream_s:.1f} s")
+  print(f"streamed {stream.tokens_seen} tokens in pieces of {chunk} through "
+        f"{stream.windows_slept} boundaries in {stream_s:.1f} s")
 
   # 2. The sleep model: every context and variant, one step of each in turn, so that the
   # comparison across contexts shares whatever else the machine is doing.
