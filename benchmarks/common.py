@@ -193,6 +193,18 @@ def compile_many(jobs: dict[Hashable, tuple[Callable, tuple]], threads: int
     return dict(pool.map(job, jobs.items()))
 
 
+def compile_all(jobs: dict[Hashable, tuple[Callable, tuple]], threads: int
+                ) -> dict[Hashable, Compiled]:
+  """`compile_many` that prints the time taken and raises if any job failed."""
+  start = time.perf_counter()
+  compiled = compile_many(jobs, threads)
+  print(f"compiled {len(jobs)} functions in {time.perf_counter() - start:.1f} s")
+  for key, fn in compiled.items():
+    if isinstance(fn, Exception):
+      raise RuntimeError(f"compiling {key} failed: {describe_error(fn)}") from fn
+  return compiled
+
+
 def describe_error(err: BaseException, limit: int = 300) -> str:
   text = f"{type(err).__name__}: {err}".replace("\n", " ")
   return text if len(text) <= limit else text[:limit] + "..."

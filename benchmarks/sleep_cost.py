@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -144,12 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
       jobs[(L, "sleep", n)] = (sleep_fn(n), (params, ss.state, windows[0]))
       jobs[(L, "boundary", n)] = (streaming._boundary,  # pylint: disable=protected-access
                                   (params, common.abstract(ss), n, True))
-  start = time.perf_counter()
-  all_compiled = common.compile_many(jobs, args.compile_threads)
-  print(f"compiled {len(jobs)} functions in {time.perf_counter() - start:.1f} s")
-  for key, fn in all_compiled.items():
-    if isinstance(fn, Exception):
-      raise RuntimeError(f"compiling {key} failed: {common.describe_error(fn)}") from fn
+  all_compiled = common.compile_all(jobs, args.compile_threads)
 
   for L in args.windows:
     params, ss, windows, empty = inputs.pop(L)

@@ -198,12 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     cache_abs = jax.eval_shape(lambda c=c: sleep_jax.init_cache(params["full"], b, c + steps))
     for v in variants:
       jobs[("full", v, c)] = (fns[v], (weights[("full", v)], full_state, cache_abs, tokens_abs))
-  start = time.perf_counter()
-  compiled = common.compile_many(jobs, args.compile_threads)
-  print(f"compiled {len(jobs)} step functions in {time.perf_counter() - start:.1f} s")
-  for job_key, fn in compiled.items():
-    if isinstance(fn, Exception):
-      raise RuntimeError(f"compiling {job_key} failed: {common.describe_error(fn)}") from fn
+  compiled = common.compile_all(jobs, args.compile_threads)
 
   rng = np.random.default_rng(args.seed)
   token_sets = common.random_tokens(rng, (b, 1), args.vocab, 8)
