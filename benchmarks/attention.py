@@ -144,10 +144,16 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
         row["note"] = "unavailable: " + common.describe_error(fn, 160)
       elif fn is not None:
         arg_sets = [s if row["mode"] == "fwdbwd" else s[:3] for s in sets]
-        timing = common.time_calls(fn, arg_sets, runs=args.runs, warmup=args.warmup)
-        flops = 4 * d * h * b * pairs_for(row["mask"], t, L) * (3 if row["mode"] == "fwdbwd" else 1)
-        row.update(timing.summary("ms"), flops=flops, tflops_per_s=flops / timing.median_s / 1e12,
-                   compile_s=fn.compile_s, temp_bytes=fn.temp_bytes)
+        try:
+          timing = common.time_calls(fn, arg_sets, runs=args.runs, warmup=args.warmup)
+        except Exception as err:  # e.g. out of memory: keep the other rows
+          row["note"] = "failed: " + common.describe_error(err, 160)
+        else:
+          flops = 4 * d * h * b * pairs_for(row["mask"], t, L) * (
+              3 if row["mode"] == "fwdbwd" else 1)
+          row.update(timing.summary("ms"), flops=flops,
+                     tflops_per_s=flops / timing.median_s / 1e12, compile_s=fn.compile_s,
+                     temp_bytes=fn.temp_bytes)
       results.add(row)
     print(common.format_table([r for r in results.rows if r["T"] == t], COLUMNS))
 

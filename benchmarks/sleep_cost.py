@@ -113,7 +113,7 @@ COLUMNS = (("L", "L", "d"), ("N", "N", "d"), ("sleep_ms", "sleep ms", ".3f"),
            ("tokens_per_s", "consolidated tok/s", ".3g"),
            ("boundary_ms", "boundary ms", ".3f"),
            ("boundary_over_prefills", "boundary/((N-1) prefill)", ".2f"),
-           ("boundary_over_passes", "boundary/((N-1) pass)", ".2f"))
+           ("boundary_over_passes", "boundary/((N-1) pass)", ".2f"), ("note", "note", ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> common.Results:
@@ -160,7 +160,12 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
       boundary = compiled[("boundary", n)]
       chains.append((lambda carry, _, fn=boundary, params=params: fn(params, carry),
                      jax.tree.map(jnp.copy, ss)))
-    timings = common.time_interleaved(chains, windows, runs=args.runs, warmup=args.warmup)
+    try:
+      timings = common.time_interleaved(chains, windows, runs=args.runs, warmup=args.warmup)
+    except Exception as err:  # e.g. out of memory at the longest window: keep the other rows
+      results.add({"L": L, "batch": b, "note": "failed: " + common.describe_error(err, 160)})
+      print(f"L={L}: failed: {common.describe_error(err, 300)}")
+      continue
     prefill, one, rest = timings[0], timings[1], timings[2:]
     for i, n in enumerate(args.passes):
       sleep_t, boundary_t = rest[2 * i], rest[2 * i + 1]
@@ -183,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     print(common.format_table([r for r in results.rows if r["L"] == L], COLUMNS))
 
   worst = [r["boundary_over_prefills"] for r in results.rows
-           if r["boundary_over_prefills"] is not None]
+           if r.get("boundary_over_prefills") is not None]
   results.summary["worst_boundary_over_prefills"] = max(worst) if worst else None
   results.summary["goal_boundary_within_1.1x_prefills"] = (max(worst) <= 1.1) if worst else None
   results.write()

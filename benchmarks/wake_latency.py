@@ -235,20 +235,32 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
   del chains, snapshots
 
   # 3. The full-attention model: one context at a time (its caches are large), variants in turn.
-  for c in args.contexts:
+  def time_full(c, group):
     chains, labels = [], []
-    for v in variants:
+    for v in group:
       fn = compiled[("full", v, c)]
       cache = filled_cache(params["full"], b, c + steps, c, jax.random.fold_in(key, c))
       chains.append((_stepper(fn, weights[("full", v)]), (None, full_state, cache)))
       labels.append(dict(model="full_attention", variant=v, context=c, cache_fill=c,
                          cache_capacity=c + steps, compile_s=fn.compile_s))
     timings = common.time_interleaved(chains, token_sets, runs=args.runs, warmup=args.warmup)
-    for label, timing in zip(labels, timings):
-      results.add(dict(label, **timing.summary("us")))
-    del chains
+    return [dict(label, **t.summary("us")) for label, t in zip(labels, timings)]
+
+  for c in args.contexts:
+    try:
+      rows = time_full(c, variants)
+    except Exception:  # e.g. out of memory with several long caches alive: one at a time
+      rows = []
+      for v in variants:
+        try:
+          rows += time_full(c, [v])
+        except Exception as err:
+          rows.append(dict(model="full_attention", variant=v, context=c,
+                           note="failed: " + common.describe_error(err, 160)))
+    for row in rows:
+      results.add(row)
     print(f"full attention at {c}: " + ", ".join(
-        f"{label['variant']} {1e6 * t.median_s:.1f} us" for label, t in zip(labels, timings)))
+        f"{r['variant']} {r.get('median_us', float('nan')):.1f} us" for r in rows))
 
   # The public streaming path at the largest context: Stream.feed one token at a time.
   feed_times = []
@@ -276,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
 def _median(rows, model, variant, context, key="median_us"):
   for r in rows:
     if (r["model"], r["variant"], r["context"]) == (model, variant, context):
-      return r[key]
+      return r.get(key)
   return None
 
 
@@ -329,7 +341,7 @@ def plot(rows: list[dict], path: str, cfg, full_cfg, batch: int) -> bool:
   for model in ("sleep", "full_attention"):
     for v in VARIANTS:
       pts = sorted((r["context"], r["median_us"]) for r in rows
-                   if r["model"] == model and r["variant"] == v)
+                   if r["model"] == model and r["variant"] == v and "median_us" in r)
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, styles[v], color=colors[model], marker="o", ms=3,
