@@ -9,7 +9,8 @@ Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x 
 * `sliding_mask`: the same attention pattern as an explicit boolean mask, the way the model's
   window-cache path in `sleep_jax/layers.py` builds it, to show what the mask costs.
 
-FLOPs count the query-key pairs that are visible: `4 D` per pair and head for the forward pass
+The rows of one T are timed in turn, one call of each (interleaved), so background load hits them
+alike. FLOPs count the query-key pairs that are visible: `4 D` per pair and head for the forward pass
 (scores and values), forward+backward counted as 3 forwards (a fused kernel that recomputes the
 scores in the backward pass does more work than that). Run from the repository root:
 
@@ -97,6 +98,31 @@ def build(impl: str, mask: str, mode: str, window: int):
   return jax.jit(jax.grad(functional, argnums=(0, 1, 2)))
 
 
+def time_rows(fns: dict, sets: list, args) -> dict:
+  """Times every compiled row of one T, one call of each in turn; rows that fail (e.g. out of
+  memory with the others' outputs alive) are retried alone. Maps key -> Timing or exception."""
+
+  def step(key, fn):
+    used = slice(None) if key[2] == "fwdbwd" else slice(0, 3)
+    return lambda carry, i: fn(*sets[i][used])
+
+  keys = list(fns)
+  indices = list(range(len(sets)))
+  try:
+    timings = common.time_interleaved([(step(k, fns[k]), None) for k in keys], indices,
+                                      runs=args.runs, warmup=args.warmup)
+    return dict(zip(keys, timings))
+  except Exception:  # pylint: disable=broad-except
+    out = {}
+    for k in keys:
+      try:
+        out[k] = common.time_interleaved([(step(k, fns[k]), None)], indices, runs=args.runs,
+                                         warmup=args.warmup)[0]
+      except Exception as err:  # pylint: disable=broad-except
+        out[k] = err
+    return out
+
+
 def pairs_for(mask: str, t: int, window: int) -> int:
   if mask == "causal":
     return common.attention_pairs(t)
@@ -138,22 +164,25 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
             jobs[key] = (build(impl, mask, mode, L), fn_args)
           rows[key] = row
     compiled = common.compile_many(jobs, args.compile_threads)
+    runnable = {}
     for key, row in rows.items():
       fn = compiled.get(key)
       if isinstance(fn, Exception):
         row["note"] = "unavailable: " + common.describe_error(fn, 160)
       elif fn is not None:
-        arg_sets = [s if row["mode"] == "fwdbwd" else s[:3] for s in sets]
-        try:
-          timing = common.time_calls(fn, arg_sets, runs=args.runs, warmup=args.warmup)
-        except Exception as err:  # e.g. out of memory: keep the other rows
-          row["note"] = "failed: " + common.describe_error(err, 160)
-        else:
-          flops = 4 * d * h * b * pairs_for(row["mask"], t, L) * (
-              3 if row["mode"] == "fwdbwd" else 1)
-          row.update(timing.summary("ms"), flops=flops,
-                     tflops_per_s=flops / timing.median_s / 1e12, compile_s=fn.compile_s,
-                     temp_bytes=fn.temp_bytes)
+        runnable[key] = fn
+    timings = time_rows(runnable, sets, args)
+    for key, row in rows.items():
+      timing = timings.get(key)
+      if isinstance(timing, Exception):
+        row["note"] = "failed: " + common.describe_error(timing, 160)
+      elif timing is not None:
+        fn = runnable[key]
+        flops = 4 * d * h * b * pairs_for(row["mask"], t, L) * (
+            3 if row["mode"] == "fwdbwd" else 1)
+        row.update(timing.summary("ms"), flops=flops,
+                   tflops_per_s=flops / timing.median_s / 1e12, compile_s=fn.compile_s,
+                   temp_bytes=fn.temp_bytes)
       results.add(row)
     print(common.format_table([r for r in results.rows if r["T"] == t], COLUMNS))
 
