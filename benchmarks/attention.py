@@ -9,10 +9,10 @@ Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x 
 * `sliding_mask`: the same attention pattern as an explicit boolean mask, the way the model's
   window-cache path in `sleep_jax/layers.py` builds it, to show what the mask costs.
 
-The rows of one T are timed in turn, one call of each (interleaved), so background load hits
-them alike. FLOPs count the query-key pairs that are visible: `4 D` per pair and head for the
-forward pass (scores and values), forward+backward counted as 3 forwards (a fused kernel that recomputes the
-scores in the backward pass does more work than that). Run from the repository root:
+The rows of one T are timed in turn, one call of each (interleaved), so background load hits them
+alike. FLOPs count the query-key pairs that are visible: `4 D` per pair and head for the forward
+pass (scores and values), forward+backward counted as 3 forwards (a fused kernel that recomputes
+the scores in the backward pass does more work than that). Run from the repository root:
 
     python -m benchmarks.attention                           # GPU sizes on a GPU, small on CPU
     python -m benchmarks.attention --seq_lens=1024,4096 --impls=cudnn --modes=fwd
