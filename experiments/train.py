@@ -47,10 +47,10 @@ from sleep_jax.tasks.base import Task
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "stopped, not finished; rerun to resume"
 
-# Progress goes to this logger at INFO; Orbax and Grain log through absl (quiet at its default
-# verbosity, chatty with --verbosity=0).
+# Progress goes to this logger at INFO (on by default on the command line; in-process callers
+# choose with `logging.getLogger("experiments.train").setLevel(...)`). Orbax and Grain log through
+# absl, which the command line keeps at WARNING unless --verbosity is given.
 log = std_logging.getLogger("experiments.train")
-log.setLevel(std_logging.INFO)
 
 
 class ConfigError(ValueError):
@@ -385,10 +385,13 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
       state, metrics = step_fn(state, batch, np.asarray(step, np.int32), learning_rates)
       pending.append(metrics)
       step += 1
-      preempted = guard.reached(step) or step == stop_at_step
+      signalled = guard.reached(step)
+      preempted = signalled or step == stop_at_step
       last = step == run.steps or preempted
       do_log = step % config.log_every == 0 or last
-      do_eval = (config.eval_every and step % config.eval_every == 0) or step == run.steps
+      # After SIGTERM, save at once (the notice may be short); periodic evaluation can wait.
+      do_eval = step == run.steps or (
+          not signalled and config.eval_every and step % config.eval_every == 0)
       do_save = checkpointer.should_save(step) or last
       if not (do_log or do_eval or do_save):
         continue
@@ -423,9 +426,10 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
             if k.endswith("/accuracy")))
       if do_save:
         checkpointer.save(step, state, train_iter.get_state(), force=last)
-      metrics_log.write(record)
-      metrics_log.flush()
-      final.update(record)
+      if len(record) > 1:
+        metrics_log.write(record)
+        metrics_log.flush()
+        final.update(record)
       paused += time.perf_counter() - pause_start
       pending, positions = [], {}
       if preempted:
@@ -470,6 +474,7 @@ def main(argv) -> None:
   sharding.maybe_initialize_distributed()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # absl's INFO is Orbax's per-save chatter
+  log.setLevel(std_logging.INFO)
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. "
                          "--config=experiments/configs/multi_hop.py:small")
