@@ -141,9 +141,12 @@ def evict(params: Params, cache: WindowCache) -> WindowCache:
   slots 0..L-2, and the short-convolution tails.
   """
   cfg = params.config
-  batch = _batch_of(cache)
   if cfg.eviction != "sliding":
-    return init_cache(params, batch, cache.capacity)
+    # Stale K/V need no clearing: slots at or after `length` are invisible (causal mask) until
+    # they are written again. The conv tails restart from zeros.
+    layers = tuple({"conv": jnp.zeros_like(layer["conv"])} if "conv" in layer else layer
+                   for layer in cache.layers)
+    return cache.replace(layers=layers, length=jnp.zeros((), jnp.int32))
   keep = cfg.window - 1
   start = jnp.maximum(cache.length - keep, 0)
   layers = []

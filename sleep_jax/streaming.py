@@ -69,7 +69,11 @@ def _boundary(params: Params, ss: StreamState, n: int, shortcut: bool) -> Stream
   else:
     state, cache = model_lib.sleep_window(params, ss.start_state, ss.start_cache,
                                           ss.window_tokens, n)
-  return ss.replace(state=state, cache=cache, start_state=_copy(state), start_cache=_copy(cache))
+  # Snapshots for the next window, taken only where they will be read (the plain definition,
+  # or the retained prefix under sliding eviction); the live buffers are donated on every wake.
+  start_state = ss.start_state if shortcut else _copy(state)
+  start_cache = _copy(cache) if (sliding or not shortcut) else ss.start_cache
+  return ss.replace(state=state, cache=cache, start_state=start_state, start_cache=start_cache)
 
 
 class Stream:
