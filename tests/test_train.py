@@ -228,3 +228,19 @@ def test_batch_not_divisible_by_devices_fails_fast(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "config.batch_size=3" in proc.stderr and "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [["--config.mesh.data=2"],
+                                  ["--config.mesh.data=1", "--config.mesh.fsdp=2"]])
+def test_two_device_meshes_match_one_device(uninterrupted, tmp_path, mesh):
+  reference, _ = uninterrupted
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.train", f"--config={CA_CONFIG}:smoke",
+         f"--workdir={tmp_path}", *mesh]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for got, want in zip(read_metrics(tmp_path), read_metrics(reference), strict=True):
+    for key in ("loss", "grad_norm", "eval/all/loss"):
+      if key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
