@@ -68,9 +68,14 @@ def test_muon_rejects_non_matrices():
     optim.scale_by_muon().init({"scale": jnp.ones(4)})
 
 
-def test_labels_send_block_matrices_to_muon_and_the_rest_to_adamw():
+@pytest.fixture(scope="module")
+def weights():
+  """A model with every kind of block: attention, fast-weight, fast-weight without MLP."""
   cfg = sj.ModelConfig(vocab_size=11, d_model=16, num_heads=2, layout="AGg", window=4)
-  weights = sj.init(cfg, jax.random.key(0)).weights
+  return sj.init(cfg, jax.random.key(0)).weights
+
+
+def test_labels_send_block_matrices_to_muon_and_the_rest_to_adamw(weights):
   labels = {jax.tree_util.keystr(path, simple=True, separator="/"): label
             for path, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(weights))}
   muon = {path for path, label in labels.items() if label == optim.MUON}
@@ -88,15 +93,13 @@ def test_labels_send_block_matrices_to_muon_and_the_rest_to_adamw():
     assert path in adam
 
 
-def test_make_optimizer_applies_each_group_its_rule_rate_and_decay():
-  cfg = sj.ModelConfig(vocab_size=11, d_model=16, num_heads=2, layout="AG", window=4)
-  weights = sj.init(cfg, jax.random.key(0)).weights
+def test_make_optimizer_applies_each_group_its_rule_rate_and_decay(weights):
   grads = jax.tree.map(lambda w: jnp.asarray(random_matrix(w.shape, 5)) if w.ndim == 2
                        else jnp.asarray(np.random.default_rng(6).standard_normal(w.shape),
                                         jnp.float32), weights)
   muon_lr, adam_lr, wd = 0.02, 0.003, 0.1
   tx = optim.make_optimizer(muon_lr=muon_lr, adam_lr=adam_lr, weight_decay=wd, clip_norm=None)
-  updates, _ = tx.update(grads, tx.init(weights), weights)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(weights), weights)
 
   # Muon matrix: -lr * (Muon direction + wd * w).
   w = weights["block_0"]["attention"]["q"]["kernel"]
