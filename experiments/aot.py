@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -198,17 +199,43 @@ def compile_train_step(config, mesh):
            for name, dtype in (("tokens", jnp.int32), ("targets", jnp.int32),
                                ("loss_mask", jnp.bool_))}
   replicated = NamedSharding(mesh, P())
-  start = time.perf_counter()
-  compiled = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, replicated),
-                     donate_argnums=0).lower(abstract, batch).compile()
   facts = {
       "parameters": sum(x.size for x in jax.tree.leaves(abstract.params)),
       "seq_len": task.seq_len, "window": task.window, "n": n, "batch_size": config.batch_size,
       "layout": model.layout, "d_model": model.d_model, "dtype": model.dtype,
-      "compile_s": round(time.perf_counter() - start, 1),
+      "argument_bytes": _shard_bytes((abstract, batch)),
   }
+  start = time.perf_counter()
+  try:
+    compiled = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated),
+                       donate_argnums=0).lower(abstract, batch).compile()
+  except jax.errors.JaxRuntimeError as error:
+    # The TPU compiler refuses a program whose temporaries alone exceed HBM; that is an answer.
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    compiled = None
+    facts["compiler_error"] = str(error).strip()
+  facts["compile_s"] = round(time.perf_counter() - start, 1)
   return compiled, facts
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _gib_in(message: str, what: str) -> Optional[float]:
+  """"... HLO temporaries (43.87G) ..." -> 43.87 (XLA prints binary units: K, M, G = 2^10...)."""
+  match = re.search(re.escape(what) + r"\s*\(([\d.]+)([KMGT])i?B?\)", message)
+  if not match:
+    return None
+  scale = {"K": 2 ** -20, "M": 2 ** -10, "G": 1.0, "T": 2 ** 10}[match.group(2)]
+  return float(match.group(1)) * scale
 
 
 def memory_report(compiled, hbm_gib: float) -> dict:
@@ -234,16 +261,35 @@ def check(config, config_name: str, topology_name: str) -> dict:
   row = {"config": config_name, "topology": topology_name, "chips": len(devices),
          "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape)}
   row.update(facts)
-  row.update(memory_report(compiled, topology.chip.hbm_gib))
+  if compiled is not None:
+    row.update(memory_report(compiled, topology.chip.hbm_gib))
+    return row
+  # Refused by the compiler: the arguments (counted from the shardings) plus the temporaries it
+  # reported are a lower bound of what the step needs.
+  args = facts["argument_bytes"] / GIB
+  temps = _gib_in(facts["compiler_error"], "HLO temporaries")
+  row.update({"arguments_gib": args, "outputs_gib": None, "aliased_gib": None,
+              "temporaries_gib": temps, "code_gib": None,
+              "total_gib": None if temps is None else args + temps,
+              "hbm_gib": topology.chip.hbm_gib, "fits": False})
   return row
+
+
+def _gib(value: Optional[float], lower_bound: bool = False) -> str:
+  if value is None:
+    return "-"
+  return f"{'>= ' if lower_bound else ''}{value:.2f}"
 
 
 def format_row(row: dict) -> str:
   mesh = "x".join(str(row["mesh"][a]) for a in sharding.AXES)
   verdict = "fits" if row["fits"] else "does not fit"
-  return (f"| {row['config']} | {row['topology']} | {mesh} | {row['batch_size'] // (row['mesh']['data'] * row['mesh']['fsdp'])} "
-          f"| {row['arguments_gib']:.2f} | {row['outputs_gib']:.2f} | {row['temporaries_gib']:.2f} "
-          f"| {row['total_gib']:.2f} | {row['hbm_gib']:g} | {verdict} |")
+  refused = "compiler_error" in row
+  per_chip = row["batch_size"] // (row["mesh"]["data"] * row["mesh"]["fsdp"])
+  return (f"| {row['config']} | {row['topology']} | {mesh} | {per_chip} "
+          f"| {_gib(row['arguments_gib'])} | {_gib(row['outputs_gib'])} "
+          f"| {_gib(row['temporaries_gib'])} | {_gib(row['total_gib'], refused)} "
+          f"| {row['hbm_gib']:g} | {verdict} |")
 
 
 TABLE_HEADER = ("| config | topology | mesh (data x fsdp x tensor) | sequences per chip | arguments "
@@ -303,12 +349,17 @@ def main(argv) -> None:
       with open(flags.FLAGS.json, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
   for row in rows:
-    print(f"{row['topology']}: {row['chips']} x {row['device_kind']}, mesh {row['mesh']}, "
-          f"{row['parameters']:,} parameters, T={row['seq_len']} L={row['window']} n={row['n']} "
-          f"batch {row['batch_size']}, {row['dtype']}; compiled in {row['compile_s']} s; "
-          f"{row['aliased_gib']:.2f} GiB of outputs reuse donated arguments, code "
-          f"{row['code_gib']:.2f} GiB; total {row['total_gib']:.2f} of {row['hbm_gib']:g} GiB per "
-          f"chip: {'fits' if row['fits'] else 'does not fit'}")
+    head = (f"{row['topology']}: {row['chips']} x {row['device_kind']}, mesh {row['mesh']}, "
+            f"{row['parameters']:,} parameters, T={row['seq_len']} L={row['window']} n={row['n']} "
+            f"batch {row['batch_size']}, {row['dtype']}; ")
+    if "compiler_error" in row:
+      print(head + f"the compiler refused it after {row['compile_s']} s: "
+            f"{row['compiler_error'].splitlines()[0]}")
+      continue
+    print(head + f"compiled in {row['compile_s']} s; {row['aliased_gib']:.2f} GiB of outputs "
+          f"reuse donated arguments, code {row['code_gib']:.2f} GiB; total "
+          f"{row['total_gib']:.2f} of {row['hbm_gib']:g} GiB per chip: "
+          f"{'fits' if row['fits'] else 'does not fit'}")
 
 
 if __name__ == "__main__":

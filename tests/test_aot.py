@@ -69,11 +69,11 @@ def _run_aot(tmp_path, *overrides):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.aot",
        "--config=experiments/configs/multi_hop.py:smoke", "--topology=v5e-8", f"--json={out}",
-       *overrides],
+       *overrides],  # a later --topology wins
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "fits" in proc.stdout
   (row,) = json.loads(out.read_text())
+  assert ("| fits |" if row["fits"] else "| does not fit |") in proc.stdout
   return row
 
 
@@ -92,3 +92,15 @@ def test_aot_compiles_for_v5e_and_fsdp_splits_the_state(tmp_path):
   assert fsdp["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   # FSDP splits the big matrices eight ways; small vectors and the batch stay whole.
   assert fsdp["arguments_gib"] < 0.4 * data["arguments_gib"]
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_aot_reports_a_step_the_compiler_refuses(tmp_path):
+  # 16384 sequences on one v5e chip: the temporaries alone pass its 16 GiB.
+  row = _run_aot(tmp_path, "--topology=v5e-1", "--config.batch_size=16384")
+  assert row["fits"] is False and "RESOURCE_EXHAUSTED" in row["compiler_error"]
+  assert row["temporaries_gib"] > 16
+  # Arguments counted from the shardings: int32 tokens and targets, bool mask, plus the state.
+  batch_bytes = 16384 * row["seq_len"] * (4 + 4 + 1)
+  assert batch_bytes < row["arguments_gib"] * aot.GIB < batch_bytes + 16 * row["parameters"]
