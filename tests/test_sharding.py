@@ -5,6 +5,7 @@ same computation on one device, for a data-parallel (8, 1, 1), an FSDP (2, 4, 1)
 tensor-parallel (2, 2, 2) mesh, and restore a checkpoint written under one mesh into another.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -171,3 +172,34 @@ def test_maybe_initialize_distributed(monkeypatch):
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   assert sharding.maybe_initialize_distributed() is True and calls == [1]
   assert sharding.maybe_initialize_distributed() is True and calls == [1]  # idempotent
+
+
+# ----------------------------------------------------------------------------- multislice
+
+MULTISLICE = """
+import json
+import numpy as np
+from jax.experimental import topologies
+from sleep_jax import sharding
+topo = topologies.get_topology_desc("v5e:2x4", "tpu", chips_per_host_bounds=(2, 2, 1), num_slices=2)
+mesh = sharding.make_mesh(-1, 2, 1, dcn_data=2, devices=topo.devices)
+slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+print(json.dumps({"shape": dict(mesh.shape), "slices": slices.tolist()}))
+"""
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_multislice_mesh_puts_slices_along_data():
+  # Two compile-only v5e-8 slices described by libtpu (no TPU needed, nothing compiled).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+             TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
+             TPU_ACCELERATOR_TYPE="v5litepod-8")
+  proc = subprocess.run([sys.executable, "-c", MULTISLICE], capture_output=True, text=True,
+                        env=env, timeout=300, cwd=WORKER.parent.parent)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["shape"] == {"data": 8, "fsdp": 2, "tensor": 1}
+  slices = np.array(out["slices"])
+  # Only the data axis crosses slices: its first half on slice 0, second half on slice 1.
+  assert (slices[:4] == 0).all() and (slices[4:] == 1).all()
