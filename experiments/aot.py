@@ -1,8 +1,9 @@
 r"""Ahead-of-time memory check: compiles a config's train step for a TPU topology, on any machine.
 
     python -m experiments.aot --config=experiments/configs/multi_hop.py:paper --topology=v5e-8
-    python -m experiments.aot --config=experiments/configs/math.py:paper --topology=v5p-8,v6e-8 \
-        --config.mesh.fsdp=4
+    python -m experiments.aot --config=experiments/configs/math.py:paper --topology=v6e-16,v5p-16
+    python -m experiments.aot --config=experiments/configs/multi_hop.py:paper --topology=v5e-8 \
+        --config.mesh.data=2 --config.mesh.fsdp=4 --json=aot.json
 
 No TPU is needed: `libtpu` (installed by `pip install -e '.[tpu]'`) compiles for a described
 topology while JAX itself runs on the CPU. For each topology it prints the mesh it laid out (from
@@ -149,7 +150,7 @@ def build_model_config(config) -> tuple[Any, sleep_jax.ModelConfig]:
   params = {k: (tuple(v) if isinstance(v, list) else v)
             for k, v in config.task.params.to_dict().items() if v is not None}
   task = tasks.get(config.task.name, **params)
-  fields = {k: v for k, v in config.model.to_dict().items()}
+  fields = dict(config.model.to_dict())
   if fields.get("dtype") is None:
     fields["dtype"] = "bfloat16"
   model = sleep_jax.ModelConfig(vocab_size=len(task.vocab), window=task.window, **fields)
