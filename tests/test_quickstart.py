@@ -89,11 +89,13 @@ def test_verdict_is_per_seed_and_plain():
             3: {"per_seed": dict(enumerate(other)), "exact": report.Stat.of(other)}}
 
   won = quickstart.verdict(summary([0.30, 0.26], [0.50, 0.40]), chance_exact=0.25)
-  assert "beat N=1 in all 2 seeds" in won[0] and "+0.170" in won[0]
+  assert "beat N=1 in all 2 seeds" in won[0] and "+0.170" in won[0] and "visible" in won[0]
   assert any("near chance" in line for line in won)
   mixed = quickstart.verdict(summary([0.60, 0.50], [0.70, 0.40]), chance_exact=0.25)
-  assert "did not beat N=1 in every seed (1 of 2" in mixed[0]
+  assert "beat N=1 in 1 of 2 seeds only" in mixed[0] and "+0.000" in mixed[0]
   assert len(mixed) == 1
+  lost = quickstart.verdict(summary([0.90, 0.89], [0.80, 0.61]), chance_exact=0.25)
+  assert "did not beat N=1 in any of 2 seeds" in lost[0] and "-0.190" in lost[0]
   single = quickstart.verdict(summary([0.3], [0.5]), chance_exact=0.25)
   assert "single seed" in single[0]
 
