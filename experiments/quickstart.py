@@ -92,7 +92,7 @@ def run_one(config, workdir: Path, n: int, seed: int) -> float:
   wall = time.time() - start
   info = {"figure": "quickstart", "name": workdir.name, "task": TASK, "seed": seed,
           "grid": {"n": n, "t": config.task.params.t}, "task_params": config.task.params.to_dict(),
-          "steps": config.steps, "wall_s": round(wall, 1), "status": "done"}
+          "steps": config.steps, "wall_s": round(wall, 1), "device": common.local_device_description(), "status": "done"}
   (workdir / "run.json").write_text(json.dumps(info, indent=2, default=list) + "\n")
   return wall
 

@@ -71,6 +71,10 @@ FIGURES = {
         "cellular_automaton", "curves", "t", "exact",
         "accuracy is reached later and ends lower as t grows (t in 4..16); t = 4 and 8 are "
         "learned fast"),
+    "quickstart": Figure(
+        "quickstart", "Quickstart: Rule 110 at toy scale, exact accuracy while training, per N",
+        "cellular_automaton", "curves", "n", "exact",
+        "no counterpart; a toy version of Fig. 2b (the paper: t = 32, 24 cells, 4 states)"),
     "fig2b": Figure(
         "fig2b", "Fig. 2b: Rule 110 at fixed t, exact accuracy while training, per N",
         "cellular_automaton", "curves", "n", "exact",

@@ -160,19 +160,28 @@ def base_parser(figure: str, description: str) -> argparse.ArgumentParser:
   return parser
 
 
+def local_device_description() -> str:
+  """The devices JAX sees in this process, e.g. "1 x NVIDIA H100 80GB HBM3" or "CPU (2 cores, x86_64)"."""
+  import jax
+
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+  return f"{jax.device_count()} x {device.device_kind}"
+
+
 def device_description() -> str:
-  """What the trainer will run on, asked of JAX in a subprocess (this process stays off devices)."""
-  code = ("import jax; d = jax.devices(); "
-          "print(f'{len(d)} x {d[0].device_kind}' if d[0].platform != 'cpu' else 'cpu')")
+  """What the trainer will run on, asked of JAX in a subprocess (this process stays off devices,
+  so it holds no accelerator memory the trainer needs)."""
+  marker = "device: "  # other libraries may print to stdout too
+  code = f"from experiments.sweeps import common; print({marker!r} + common.local_device_description())"
   try:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=REPO_ROOT).stdout.strip().splitlines()
+                         timeout=300, cwd=REPO_ROOT).stdout.splitlines()
   except (OSError, subprocess.TimeoutExpired):
     out = []
-  kind = out[-1] if out else "unknown device"
-  if kind == "cpu":
-    kind = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-  return kind
+  found = [line[len(marker):] for line in out if line.startswith(marker)]
+  return found[-1] if found else "unknown device"
 
 
 def _finished(workdir: Path) -> bool:

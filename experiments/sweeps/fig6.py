@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -158,9 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       for k, v in base.task.params.to_dict().items()
                                       if v is not None})
   model_fields = dict(base.model.to_dict())
-  device = jax.devices()[0]
-  device_text = (f"{jax.device_count()} x {device.device_kind}" if device.platform != "cpu"
-                 else f"CPU ({os.cpu_count()} cores, {platform.machine()})")
+  device_text = common.local_device_description()
   out_dir = Path(args.root) / FIGURE
   out_dir.mkdir(parents=True, exist_ok=True)
   records = []
