@@ -229,8 +229,14 @@ def _grid_from_config(config: dict) -> tuple[dict, Optional[int], Optional[str],
     grid["eviction"] = model["eviction"]
   if params.get("window") is not None:
     grid["window"] = params["window"]
+  for key in ("layout", "d_model"):
+    if model.get(key) is not None:
+      grid[key] = model[key]
   if config.get("grad_passes") is not None:
     grid["grad_passes"] = config["grad_passes"]
+  if config.get("compute_match_n") is not None:
+    # N = 1 trained for the FLOPs of N = compute_match_n: not the same setting as plain N = 1.
+    grid["variant"] = f"compute-matched to N={config['compute_match_n']}"
   return grid, config.get("seed"), task.get("name"), params
 
 

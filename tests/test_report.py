@@ -115,6 +115,11 @@ def test_run_description_sources_in_order(tmp_path):
                                           config=config))
   assert (from_config.source, from_config.figure, from_config.seed) == ("config.json", "fig2a", 5)
   assert from_config.grid == {"n": 3, "t": 16, "eviction": "hard"}
+  matched = report.describe(write_run(
+      tmp_path / "fig2b" / "cm", records,
+      config={**config, "n": 1, "compute_match_n": 4, "model": {"layout": "AGAG"}}))
+  assert matched.grid == {"n": 1, "t": 16, "layout": "AGAG",
+                          "variant": "compute-matched to N=4"}
   assert from_config.chance["exact"] == 0.25
 
   info = {"figure": "fig2b", "seed": 1, "grid": {"n": 2, "t": 32}, "task": "cellular_automaton"}
