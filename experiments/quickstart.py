@@ -92,7 +92,8 @@ def run_one(config, workdir: Path, n: int, seed: int) -> float:
   wall = time.time() - start
   info = {"figure": "quickstart", "name": workdir.name, "task": TASK, "seed": seed,
           "grid": {"n": n, "t": config.task.params.t}, "task_params": config.task.params.to_dict(),
-          "steps": config.steps, "wall_s": round(wall, 1), "device": common.local_device_description(), "status": "done"}
+          "steps": config.steps, "wall_s": round(wall, 1),
+          "device": common.local_device_description(), "status": "done"}
   (workdir / "run.json").write_text(json.dumps(info, indent=2, default=list) + "\n")
   return wall
 
@@ -184,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--tiny", action="store_true",
                       help="the smoke preset (a d = 32 two-block model): checks the pipeline only")
   parser.add_argument("--workdir", default=None,
-                      help="folder for the runs and the plot (default: a new temporary folder)")
+                      help="folder for the runs and the plot (default: a new temporary folder); "
+                           "runs already finished in it are not retrained")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field of every run, e.g. --set=task.params.t=8")
   args = parser.parse_args(argv)

@@ -205,8 +205,9 @@ def test_sweep_dry_run_and_grid(capsys, tmp_path):
   assert lines[3].endswith("fig2b/n4_t32_seed1")
   with pytest.raises(SystemExit):
     fig2b.main(["--dry-run", "--seeds=a"])
-  with pytest.raises(SystemExit):  # no such config field: refused before anything runs
-    fig2b.main(["--dry-run", "--set=model.no_such_field=1"])
+  for bad in ("--set=model.no_such_field=1", "--set=model.d_model=abc", "--set=d_model"):
+    with pytest.raises(SystemExit):  # refused before anything runs
+      fig2b.main(["--dry-run", bad])
 
 
 def test_sweep_writes_run_json_that_the_report_reads(tmp_path):
@@ -237,3 +238,19 @@ def test_sweep_writes_run_json_that_the_report_reads(tmp_path):
   assert ops2[2]["mean"] == pytest.approx(statistics.mean([0.2, 0.21]))
   assert summary["fig4"]["sources"] == ["run.json"]
 
+
+
+def test_fig6_grid_keeps_tokens_per_step(capsys):
+  from experiments.sweeps import fig6
+
+  assert fig6.main(["--preset=smoke", "--dry-run", "--ns=1,3", "--windows=16,64",
+                    "--tokens_per_step=1024"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 4
+  for line in lines:
+    fields = dict(part.split("=") for part in line.split() if "=" in part)
+    assert int(fields["batch"]) * int(fields["T"]) == 1024  # same tokens per step at every L
+    assert int(fields["T"]) == 4 * int(fields["L"])
+  assert fig6.batch_size(100, 64, 4) == 1  # never an empty batch
+  with pytest.raises(SystemExit):
+    fig6.main(["--dry-run", "--windows_per_example=1"])

@@ -108,7 +108,10 @@ def set_field(config, dotted: str, value: Any) -> None:
     node = node[part]
   if leaf not in node:
     raise ValueError(f"--set: config has no field {dotted!r}")
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as error:  # ml_collections refuses a value of another type
+    raise ValueError(f"--set: {dotted}={value!r}: {error}") from None
 
 
 def parse_ints(flag: str, text: str, low: int = 0, high: int = 1 << 30) -> tuple[int, ...]:
