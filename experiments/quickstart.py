@@ -13,7 +13,7 @@ training step (mean over seeds, band = sample std across seeds).
 The default setting (`QUICKSTART` below) came out of a calibration on 2 CPU cores (every setting
 tried is listed in docs/results.md). No setting we could train in minutes showed the sleep
 effect: where one pass cannot solve the task (t = 6 on 12 cells), neither N = 1 nor N = 2 got off
-chance within 500 steps, and over 1,500 steps both learned at the same pace; where it can,
+chance within 500 steps, and over 1,500 steps N = 1 stayed slightly ahead; where it can,
 N = 1 learned faster per step. The default is the cheapest setting where both learn well above
 chance, so the table compares two trained models; expect N = 2 to trail N = 1 there. It is a
 demonstration at toy scale, not a reproduction of the paper's Fig. 2b (t = 32, width 24,
