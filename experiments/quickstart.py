@@ -60,6 +60,7 @@ QUICKSTART: dict[str, Any] = {
     "log_every": 50,
 }
 DEFAULT_NS = "1,2"
+EXIT_PREEMPTED = common.EXIT_PREEMPTED
 DEFAULT_SEEDS = "0,1"
 
 # --tiny: the smoke preset (a two-block d = 32 model, batch 8); only checks that everything runs.
@@ -79,8 +80,12 @@ def build_config(n: int, seed: int, *, tiny: bool, steps: Optional[int],
   return config
 
 
-def run_one(config, workdir: Path, n: int, seed: int) -> float:
-  """Trains one run in-process; returns its wall time in seconds."""
+def run_one(config, workdir: Path, n: int, seed: int) -> tuple[float, bool]:
+  """Trains one run in-process; returns its wall time in seconds and whether it finished.
+
+  A run stopped early (SIGTERM: the trainer saves a checkpoint and returns) is recorded as
+  "preempted" in its run.json and is resumed, not restarted, by a rerun with the same --workdir.
+  """
   from absl import logging
 
   from experiments import train
@@ -88,14 +93,16 @@ def run_one(config, workdir: Path, n: int, seed: int) -> float:
   logging.set_verbosity(logging.WARNING)  # the quickstart prints its own progress
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
-  train.train(config, str(workdir))
+  result = train.train(config, str(workdir))
   wall = time.time() - start
+  finished = not result["preempted"]
   info = {"figure": "quickstart", "name": workdir.name, "task": TASK, "seed": seed,
           "grid": {"n": n, "t": config.task.params.t}, "task_params": config.task.params.to_dict(),
           "steps": config.steps, "wall_s": round(wall, 1),
-          "device": common.local_device_description(), "status": "done"}
+          "device": common.local_device_description(),
+          "status": "done" if finished else "preempted", "stopped_at_step": result["step"]}
   (workdir / "run.json").write_text(json.dumps(info, indent=2, default=list) + "\n")
-  return wall
+  return wall, finished
 
 
 def summarize(runs: Sequence[report.Run], ns: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -214,8 +221,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for seed in seeds:
       config = build_config(n, seed, tiny=args.tiny, steps=args.steps, extra=extra)
       print(f"  training N={n} seed={seed} ...", end=" ", flush=True)
-      wall = run_one(config, root / f"n{n}_seed{seed}", n, seed)
+      wall, finished = run_one(config, root / f"n{n}_seed{seed}", n, seed)
       print(f"{wall:.0f} s", flush=True)
+      if not finished:
+        # No table from a partial run: it would compare models trained for different budgets.
+        print(f"N={n} seed={seed} was stopped (SIGTERM) before step {config.steps}; its "
+              f"checkpoint is in {root / f'n{n}_seed{seed}'}. To resume, rerun the same command "
+              f"with --workdir={root}", file=sys.stderr)
+        return EXIT_PREEMPTED
   total = time.time() - start
 
   runs = [report.describe(root / f"n{n}_seed{seed}") for n in ns for seed in seeds]

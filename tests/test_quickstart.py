@@ -107,3 +107,29 @@ def test_bad_flags_exit_before_training(flags, capsys):
     quickstart.main(flags)
   assert error.value.code == 2
   assert "error" in capsys.readouterr().err
+
+
+def test_a_stopped_run_prints_no_table_and_a_rerun_resumes_it(tmp_path, monkeypatch, capsys):
+  """SIGTERM during a run (simulated with the trainer's stop_at_step): exit 143, no table, a
+  run.json that says so; the same command again finishes from the checkpoint."""
+  import functools
+
+  from experiments import train
+
+  flags = ["--tiny", "--steps=2", "--ns=1", "--seeds=0", f"--workdir={tmp_path}"]
+  real_train = train.train
+  monkeypatch.setattr(train, "train", functools.partial(real_train, stop_at_step=1))
+  assert quickstart.main(flags) == quickstart.EXIT_PREEMPTED
+  out, err = capsys.readouterr()
+  assert "exact acc" not in out and "plot:" not in out
+  assert "stopped (SIGTERM) before step 2" in err and f"--workdir={tmp_path}" in err
+  info = json.loads((tmp_path / "n1_seed0" / "run.json").read_text())
+  assert (info["status"], info["stopped_at_step"]) == ("preempted", 1)
+
+  monkeypatch.setattr(train, "train", real_train)
+  assert quickstart.main(flags) == 0
+  info = json.loads((tmp_path / "n1_seed0" / "run.json").read_text())
+  assert (info["status"], info["stopped_at_step"]) == ("done", 2)
+  steps = [json.loads(line)["step"] for line in
+           (tmp_path / "n1_seed0" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(steps) and steps[-1] == 2 and 1 in steps  # resumed, not restarted
