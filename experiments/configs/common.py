@@ -20,6 +20,12 @@ from sleep_jax.config import ModelConfig
 
 PRESETS = ("smoke", "small", "paper")
 
+# Learning rates of every `small` preset: the best of three pairs for a d = 64 model trained for a
+# few hundred steps on Rule 110 at N = 1 (docs/results.md, calibration log). The paper's pairs
+# (Muon 2e-3 / AdamW 5e-5; 1e-3 / 5e-5 for math), kept in the `paper` presets, learn too slowly
+# for budgets this short.
+SMALL_LRS = {"muon_lr": 1e-2, "adam_lr": 1e-3}
+
 # Python types of the ModelConfig fields whose default is None (ml_collections needs a type to
 # accept an override of a None field).
 _NONE_FIELD_TYPES = {"head_dim": int, "mlp_dim": int, "dtype": str, "attention_impl": str}

@@ -27,7 +27,7 @@ def _small(c):
   c.task.params.train_hops = (1, 8)
   c.task.params.eval_hops = (1, 2, 4, 8)
   common.set_model(c, d_model=64, num_heads=4, layout="AGAG")
-  common.set_run(c, n=2, batch_size=16, steps=1500, muon_lr=2e-3, warmup_steps=100,
+  common.set_run(c, n=2, batch_size=16, steps=1500, warmup_steps=50, **common.SMALL_LRS,
                  eval_every=250, eval_examples=512, checkpoint_every=250, log_every=25)
 
 
