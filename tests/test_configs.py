@@ -185,3 +185,34 @@ def test_every_config_trains_two_steps_at_a_tiny_size(task, arg, tmp_path):
   assert result["step"] == result["steps"] >= 2 and np.isfinite(result["loss"])
   groups = [k for k in result if k.startswith("eval/") and k.endswith("/accuracy")]
   assert "eval/all/accuracy" in groups and len(groups) >= 2
+
+
+@pytest.mark.parametrize("variant, blind", [("transformer_hard", True), ("hybrid_n1", False),
+                                            ("full_attention", False)])
+def test_hard_eviction_transformer_cannot_see_earlier_windows(variant, blind):
+  """The `transformer_hard` baseline is at chance by construction: its predictions in the last
+  window are a function of that window alone. Rewriting every earlier window (where the multi-hop
+  graph lives) leaves its losses bit for bit unchanged; the hybrid (through the fast-weight state)
+  and the full-attention transformer (through the keys) do see the change."""
+  run = trainer.validate(tiny(configs.get("multi_hop", f"smoke,{variant}")))
+  task = run.task
+  params = sj.init(run.model, jax.random.key(0))
+  batch = task.examples("test", [0, 1])
+  last = task.window * (task.num_windows - 1)  # first token of the prediction window
+  other = np.array(batch["tokens"])
+  rng = np.random.default_rng(0)
+  other[:, :last] = rng.integers(0, len(task.vocab), size=other[:, :last].shape)
+  assert (other[:, :last] != batch["tokens"][:, :last]).any()
+
+  def losses(tokens):
+    data = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(batch["targets"]),
+            "loss_mask": jnp.asarray(batch["loss_mask"])}
+    _, nll = sj.score(params, data, 1, consolidation_windows=task.consolidation_windows)
+    return np.asarray(nll)[:, last:][np.asarray(batch["loss_mask"])[:, last:]]
+
+  before, after = losses(batch["tokens"]), losses(other)
+  assert before.size > 0
+  if blind:
+    np.testing.assert_array_equal(before, after)
+  else:
+    assert np.abs(before - after).max() > 1e-4
