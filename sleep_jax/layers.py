@@ -56,21 +56,30 @@ class SwiGLU(nn.Module):
     return _dense(cfg.d_model, dt, "down")(nn.silu(gate) * up)
 
 
-def rope(x: Array, positions: Array, base: float) -> Array:
-  """Rotary embedding. x: [b t h d] (d even), positions: [t] or [b t] integer slots."""
+def rope(x: Array, positions, base: float) -> Array:
+  """Rotary embedding, computed in float32 and returned in x's dtype.
+
+  x: [b t h d] (d even). positions: integer (or float) positions that broadcast against the token
+  axis: a scalar (every token rotated by the same angle, e.g. a shift of whole cache slots), [t],
+  or [b t]. Rotations compose, rope(rope(x, p), s) == rope(x, p + s), up to float32 rounding.
+  """
   half = x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[..., None] * freqs  # [.. t half]
-  if angles.ndim == 2:
-    angles = angles[None]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # [.. half]
+  # A heads axis before the last one: [] -> [1 half], [t] -> [t 1 half], [b t] -> [b t 1 half].
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
 class Attention(nn.Module):
-  """Causal multi-head softmax attention with RoPE over the window cache."""
+  """Causal multi-head softmax attention with RoPE over the window cache.
+
+  The cache holds keys already rotated by their slot (`rope(k, slot)`), so a call rotates only its
+  own queries and keys, never the whole cache: a decode step does not pay a rotation of every
+  slot. `sleep_jax.evict` counter-rotates the keys it moves to earlier slots.
+  """
 
   config: ModelConfig
 
@@ -86,26 +95,28 @@ class Attention(nn.Module):
     if cache is None:
       # The tokens are the whole context: plain causal attention, no mask tensor.
       pos = jnp.arange(t)
+      k = rope(k, pos, cfg.rope_base)
       local = (cfg.window - 1, 0) if (cfg.eviction == "sliding" and t > cfg.window) else None
       out = jax.nn.dot_product_attention(
-          rope(q, pos, cfg.rope_base), rope(k, pos, cfg.rope_base), v, is_causal=True,
+          rope(q, pos, cfg.rope_base), k, v, is_causal=True,
           local_window_size=local, implementation=cfg.attention_impl)
+      # As a cache starting at slot 0 would hold them: keys rotated by their slot.
       new_cache = {"k": k, "v": v}
     else:
-      # Keys are stored without rotation; RoPE uses the slot index as position.
+      # RoPE uses the slot index as position; keys enter the cache rotated by theirs.
+      q_pos = cache_length + jnp.arange(t)
+      k = rope(k, q_pos, cfg.rope_base)
       ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                cache_length, axis=1)
       cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                cache_length, axis=1)
-      slots = ck.shape[1]
-      q_pos = cache_length + jnp.arange(t)
-      k_pos = jnp.arange(slots)
+      k_pos = jnp.arange(ck.shape[1])
       visible = k_pos[None, :] <= q_pos[:, None]
       if cfg.eviction == "sliding":
         visible &= k_pos[None, :] > q_pos[:, None] - cfg.window
       out = jax.nn.dot_product_attention(
-          rope(q, q_pos, cfg.rope_base), rope(ck.astype(dt), k_pos, cfg.rope_base),
-          cv.astype(dt), mask=visible[None, None], implementation=cfg.attention_impl)
+          rope(q, q_pos, cfg.rope_base), ck.astype(dt), cv.astype(dt), mask=visible[None, None],
+          implementation=cfg.attention_impl)
       new_cache = {"k": ck, "v": cv}
     y = _dense(cfg.d_model, dt, "o")(out.reshape(b, t, h * d))
     return y, new_cache

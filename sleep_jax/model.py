@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sleep_jax.config import ModelConfig
-from sleep_jax.layers import Stack
+from sleep_jax.layers import Stack, rope
 
 Array = jax.Array
 
@@ -138,7 +138,7 @@ def evict(params: Params, cache: WindowCache) -> WindowCache:
   """The window cache after an eviction boundary.
 
   Hard eviction drops everything. Sliding eviction keeps the K/V of the last L - 1 tokens, moved to
-  slots 0..L-2, and the short-convolution tails.
+  slots 0..L-2 (keys counter-rotated to their new slots), and the short-convolution tails.
   """
   cfg = params.config
   if cfg.eviction != "sliding":
@@ -152,13 +152,27 @@ def evict(params: Params, cache: WindowCache) -> WindowCache:
   layers = []
   for layer in cache.layers:
     if "k" in layer:
-      layer = {name: _move_to_front(buf, start, keep) for name, buf in layer.items()}
+      layer = {"k": _move_to_front(layer["k"], start, keep, rope_base=cfg.rope_base),
+               "v": _move_to_front(layer["v"], start, keep)}
     layers.append(layer)
   return cache.replace(layers=tuple(layers), length=jnp.minimum(cache.length, keep).astype(jnp.int32))
 
 
-def _move_to_front(buf: Array, start: Array, size: int) -> Array:
+def _move_to_front(buf: Array, start: Array, size: int, rope_base: Optional[float] = None) -> Array:
+  """Slots start..start+size-1 of `buf` [b c h d] moved to slots 0..size-1, the rest zeroed.
+
+  With `rope_base`, `buf` holds keys rotated by their slot, R(s) k; the moved keys are turned by
+  -start so that they hold R(s - start) k = R(-start) R(s) k, their new slot's rotation. The turn
+  runs in float32 and is rounded once to the cache dtype. At window boundaries (`Stream`, `loss`,
+  `sleep_window` evict a cache of 2L - 1 filled slots, or L after the first window) the kept slots
+  are the newest window's, written since the last eviction, so every key is moved at most once
+  before it leaves the cache: a bfloat16 key carries at most one extra rounding (about 2^-8
+  relative), never a growing drift. Calling `evict` more often than once per window can move a key
+  again, one more rounding per move.
+  """
   kept = jax.lax.dynamic_slice_in_dim(buf, start, size, axis=1)
+  if rope_base is not None:
+    kept = rope(kept, -start, rope_base)
   return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(buf), kept, 0, axis=1)
 
 
