@@ -7,6 +7,7 @@ import pytest
 
 import sleep_jax as sj
 from sleep_jax import model as model_lib
+from sleep_jax.layers import rope
 from sleep_jax.streaming import Stream
 
 VOCAB, L, B = 13, 8, 2
@@ -154,6 +155,141 @@ def test_stream_generate_greedy_matches_argmax_of_feed():
   sampled = Stream(params, B, 2).generate(prompt, 4, temperature=1.0, rng=jax.random.key(0),
                                           top_k=3)
   assert sampled.shape == (B, 4) and sampled.min() >= 0 and sampled.max() < VOCAB
+
+
+# ----------------------------------------------------------------------------- rotated keys
+
+
+def _rope_reference(x, positions, base):
+  """RoPE from its definition, float64: the pair (x_i, x_{i+d/2}) as the complex number
+  x_i + 1j x_{i+d/2}, multiplied by exp(1j * position * base^(-i/(d/2))). x: [.. t h d];
+  positions: [t] or [b t]."""
+  x = np.asarray(x, np.float64)
+  half = x.shape[-1] // 2
+  z = x[..., :half] + 1j * x[..., half:]
+  theta = np.asarray(positions, np.float64)[..., None, None] * base ** (-np.arange(half) / half)
+  z = z * np.exp(1j * theta)
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rope_counter_rotation_by_minus_start_equals_rotation_to_the_new_slot():
+  base = 10_000.0
+  x = jax.random.normal(jax.random.key(0), (B, 6, 2, 16), jnp.float32)
+  for positions in (jnp.arange(6), jnp.arange(6) + 37,
+                    jnp.array([[0, 5, 9, 100, 250, 301], [3, 4, 60, 61, 62, 200]])):
+    rotated = rope(x, positions, base)
+    np.testing.assert_allclose(rotated, _rope_reference(x, positions, base), rtol=0, atol=1e-4)
+    for start in (0, 1, 7, 37, 250):
+      turned = rope(rotated, -start, base)  # a scalar position: every token turned alike
+      np.testing.assert_allclose(turned, rope(x, positions - start, base), rtol=0, atol=1e-4)
+      np.testing.assert_allclose(turned, _rope_reference(x, positions - start, base),
+                                 rtol=0, atol=1e-4)
+  # The check can fail: turning the wrong way is far off.
+  wrong = rope(rope(x, jnp.arange(6) + 37, base), 7, base)
+  assert max_diff(wrong, rope(x, jnp.arange(6) + 30, base)) > 0.1
+
+
+def test_sliding_evict_moves_keys_counter_rotated_and_values_as_they_are():
+  """Keys are cached rotated by their slot: after eviction slot s - start must hold
+  rope(k, s - start), values and conv tails moved or kept unchanged."""
+  params = make("Ag", "sliding")
+  empty = sj.init_cache(params, B)
+  for length in (L, L + 3, 2 * L - 1):  # start = 1 (first window), 4, L (a full window)
+    keys = iter(jax.random.split(jax.random.key(length), 3))
+    raw = {name: jax.random.normal(next(keys), buf.shape, buf.dtype)
+           for name, buf in empty.layers[0].items()}
+    conv = jax.random.normal(next(keys), empty.layers[1]["conv"].shape)
+    cache = empty.replace(
+        layers=({"k": rope(raw["k"], jnp.arange(empty.capacity), params.config.rope_base),
+                 "v": raw["v"]}, {"conv": conv}),
+        length=jnp.asarray(length, jnp.int32))
+    out = sj.evict(params, cache)
+    keep, start = L - 1, length - (L - 1)
+    assert int(out.length) == keep
+    expected_k = _rope_reference(raw["k"][:, start:start + keep], np.arange(keep),
+                                 params.config.rope_base)
+    np.testing.assert_allclose(out.layers[0]["k"][:, :keep], expected_k, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out.layers[0]["v"][:, :keep], raw["v"][:, start:start + keep])
+    np.testing.assert_array_equal(out.layers[1]["conv"], conv)
+
+
+def _attention_model_reference(params, toks, window):
+  """An attention-only model (blocks 'A' / 'a') from its equations, float64: every token attends
+  to itself and the `window` - 1 tokens before it (all earlier tokens with window=None)."""
+  cfg = params.config
+  w = jax.tree.map(lambda a: np.asarray(a, np.float64), params.weights)
+  heads, d = cfg.num_heads, cfg.resolved_head_dim
+
+  def norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * scale
+
+  x = w["embedding"]["embedding"][np.asarray(toks)]  # [b T m]
+  b, T, _ = x.shape
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  visible = (j <= i) & ((j > i - window) if window else True)
+  for layer, (kind, has_mlp) in enumerate(cfg.block_kinds):
+    assert kind == "attention"
+    blk = w[f"block_{layer}"]
+    y = norm(x, blk["mixer_norm"]["scale"])
+    q, k, v = ((y @ blk["attention"][n]["kernel"]).reshape(b, T, heads, d) for n in "qkv")
+    q, k = (_rope_reference(z, np.arange(T), cfg.rope_base) for z in (q, k))
+    scores = np.where(visible, np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d), -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    x = x + np.einsum("bhij,bjhd->bihd", p, v).reshape(b, T, heads * d) @ blk["attention"]["o"]["kernel"]
+    if has_mlp:
+      y = norm(x, blk["mlp_norm"]["scale"])
+      gate, up = y @ blk["mlp"]["gate"]["kernel"], y @ blk["mlp"]["up"]["kernel"]
+      x = x + (gate / (1 + np.exp(-gate)) * up) @ blk["mlp"]["down"]["kernel"]
+  return norm(x, w["final_norm"]["scale"]) @ w["head"]["kernel"]
+
+
+def _wake_with_sliding_evictions(params, toks, pieces):
+  """`wake` over toks [b T] in pieces of the sizes `pieces` (cycled, cut at window ends), with
+  `evict` at every window end: the cache path across eviction boundaries."""
+  state, cache = sj.init_state(params, B), sj.init_cache(params, B)
+  logits, sizes = [], iter(np.resize(pieces, toks.shape[1]))
+  for start in range(0, toks.shape[1], L):
+    window = toks[:, start:start + L]
+    pos = 0
+    while pos < window.shape[1]:
+      size = min(int(next(sizes)), window.shape[1] - pos)
+      step_logits, state, cache = sj.wake(params, state, cache, window[:, pos:pos + size])
+      logits.append(step_logits)
+      pos += size
+    if window.shape[1] == L:
+      cache = sj.evict(params, cache)
+  return jnp.concatenate(logits, axis=1)
+
+
+def _full_forward_logits(params, toks):
+  state = sj.init_state(params, B)
+  h, _, _ = model_lib.forward_pass(params, model_lib.embed(params, toks), state, None)
+  return model_lib.logits_from_hidden(params, h)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_sliding_attention_through_evictions_matches_reference_from_equations(dtype, tol):
+  """Across three sliding eviction boundaries (keys cached rotated, counter-rotated when moved),
+  token by token and in chunks, wake equals softmax attention over the last L tokens."""
+  params = make("Aa", "sliding", dtype=dtype)
+  toks = tokens((B, 3 * L + 3), seed=11)
+  reference = _attention_model_reference(params, toks, window=L)
+  # The window matters on this sequence: full causal attention gives other logits.
+  assert np.abs(_attention_model_reference(params, toks, window=None) - reference).max() > 1e-2
+  assert_close(_full_forward_logits(params, toks), reference, tol=tol)
+  for pieces in ((1,), (3, 5)):
+    assert_close(_wake_with_sliding_evictions(params, toks, pieces), reference, tol=tol)
+
+
+def test_sliding_hybrid_wake_through_evictions_equals_full_forward():
+  """The hybrid (fast-weight state and conv tails carried across boundaries) fed through the
+  window cache with sliding evictions equals one forward pass over the whole sequence."""
+  params = make("AG", "sliding")
+  toks = tokens((B, 3 * L + 3), seed=12)
+  full = _full_forward_logits(params, toks)
+  for pieces in ((1,), (3, 5)):
+    assert_close(_wake_with_sliding_evictions(params, toks, pieces), full, tol=1e-4)
 
 
 # ----------------------------------------------------------------------------- loss
