@@ -124,6 +124,23 @@ class Run:
   preset: Optional[str] = None
   wall_s: Optional[float] = None
   device: Optional[str] = None
+  target_steps: Optional[int] = None  # the run's configured step count, when known
+  status: Optional[str] = None        # run.json's status ("done", "preempted", "failed")
+
+  @property
+  def unfinished(self) -> Optional[str]:
+    """Why the run is not a finished run ("step 25 of 800", "preempted at step 351 of 400"),
+    or None when it finished or nothing says otherwise (a bare metrics.jsonl). run.json's
+    status decides when there is one; otherwise the last logged step against config.json's
+    `steps` (a compute-matched run logs more steps than that, never fewer)."""
+    if self.status is not None:  # run.json: the sweep runner saw the trainer's exit status
+      if self.status == "done":
+        return None
+      return f"{self.status} at step {self.last_step()}" + (
+          f" of {self.target_steps}" if self.target_steps else "")
+    if self.target_steps and self.last_step() < self.target_steps:
+      return f"step {self.last_step()} of {self.target_steps}"
+    return None
 
   def setting(self) -> tuple:
     return tuple(sorted(self.grid.items()))
@@ -289,7 +306,8 @@ def describe(workdir: Path) -> Run:
   run_info = _load_json(workdir / RUN_FILE)
   config = _load_json(workdir / CONFIG_FILE)
   parent = workdir.parent.name
-  task, params, preset, wall, device = None, {}, None, None, None
+  task, params, preset, wall, device, status = None, {}, None, None, None, None
+  target = config.get("steps") if config is not None else None
   if config is not None:
     grid, seed, task, params = _grid_from_config(config)
   if run_info is not None:
@@ -300,6 +318,7 @@ def describe(workdir: Path) -> Run:
     task = run_info.get("task") or task
     params = run_info.get("task_params") or params
     preset, wall, device = run_info.get("preset"), run_info.get("wall_s"), run_info.get("device")
+    status, target = run_info.get("status"), run_info.get("steps") or target
   elif config is not None:
     source = CONFIG_FILE
     figure = _guess_figure(task, parent)
@@ -311,7 +330,7 @@ def describe(workdir: Path) -> Run:
   grid = {k: grid[k] for k in GRID_KEYS if grid.get(k) is not None}
   return Run(name=workdir.name, figure=figure, task=task, seed=seed, grid=grid, source=source,
              history=history, chance=_chance(task, params), preset=preset, wall_s=wall,
-             device=device)
+             device=device, target_steps=target, status=status)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -678,10 +697,18 @@ def report(run_paths: Sequence[str | Path], out: str | Path) -> dict:
                      f"{', '.join(map(str, run_paths))}")
   out.mkdir(parents=True, exist_ok=True)
   by_figure: dict[str, list[Run]] = {}
+  left_out: dict[str, list[str]] = {}  # unfinished runs: a table compares finished runs only
   for workdir in workdirs:
     run = describe(workdir)
-    if run.history:
+    if not run.history:
+      continue
+    if run.unfinished:
+      left_out.setdefault(run.figure, []).append(f"{run.name} ({run.unfinished})")
+    else:
       by_figure.setdefault(run.figure, []).append(run)
+  for name in sorted(set(left_out) - set(by_figure)):
+    print(f"{name}: every run is unfinished, no table: {'; '.join(left_out[name])}",
+          file=sys.stderr)
   summary: dict[str, Any] = {}
   for name in sorted(by_figure):
     runs = sorted(by_figure[name], key=lambda r: (r.setting(), r.seed is None, r.seed))
@@ -689,10 +716,14 @@ def report(run_paths: Sequence[str | Path], out: str | Path) -> dict:
     render = {"curves": render_curves, "per_group": render_per_group,
               "final_by_group": render_final_by_group}.get(figure.kind, render_curves)
     result = render(figure, runs, out)
-    _write_markdown(figure, result, _context_lines(figure, runs), out)
+    context = _context_lines(figure, runs)
+    if name in left_out:
+      context.append(f"Left out, unfinished: {'; '.join(sorted(left_out[name]))}.")
+    _write_markdown(figure, result, context, out)
     summary[name] = {"title": figure.title, "runs": [r.name for r in runs],
                      "sources": sorted({r.source for r in runs}), "header": result["header"],
-                     "rows": result["rows"], "settings": result["summary"]}
+                     "rows": result["rows"], "settings": result["summary"],
+                     "left_out": sorted(left_out.get(name, []))}
   if throughput_files:
     figure = FIGURES["fig6"]
     result = render_throughput(figure, throughput_files, out)

@@ -93,6 +93,32 @@ def test_fig2b_table_and_summary_match_independent_statistics(fig2b_runs, tmp_pa
   assert json.loads((out / "summary.json").read_text())["fig2b"]["rows"] == summary["fig2b"]["rows"]
 
 
+def test_unfinished_runs_are_left_out_of_the_table_and_named(fig2b_runs, tmp_path):
+  """A run still training (config.json says 800 steps, metrics stop at 100) and one stopped by
+  SIGTERM (run.json status "preempted") must not enter the means: they were trained less."""
+  in_progress = write_run(fig2b_runs / "fig2b" / "n1_t32_seed3", ca_records(1, 3),
+                          config={"n": 1, "seed": 3, "steps": 800,
+                                  "task": {"name": "cellular_automaton", "params": {"t": 32}}})
+  write_run(fig2b_runs / "fig2b" / "n2_t32_seed3", ca_records(2, 3),
+            {"figure": "fig2b", "task": "cellular_automaton", "seed": 3, "grid": {"n": 2, "t": 32},
+             "steps": 400, "status": "preempted"})
+  assert report.describe(in_progress).unfinished == "step 100 of 800"
+  summary = report.report([fig2b_runs], tmp_path / "out")
+  for setting in summary["fig2b"]["settings"]:
+    finals = [ca_value(setting["grid"]["n"], seed, 100) for seed in (0, 1, 2)]
+    assert setting["exact"]["seeds"] == 3
+    assert setting["exact"]["mean"] == pytest.approx(statistics.mean(finals))
+  assert summary["fig2b"]["left_out"] == ["n1_t32_seed3 (step 100 of 800)",
+                                          "n2_t32_seed3 (preempted at step 100 of 400)"]
+  markdown = (tmp_path / "out" / "fig2b.md").read_text()
+  assert "Left out, unfinished: n1_t32_seed3 (step 100 of 800); n2_t32_seed3" in markdown
+  # A finished run's config.json with the same steps as its last metrics line counts.
+  done = write_run(tmp_path / "other" / "fig2b" / "n1_t32_seed0", ca_records(1, 0),
+                   config={"n": 1, "seed": 0, "steps": 100,
+                           "task": {"name": "cellular_automaton", "params": {"t": 32}}})
+  assert report.describe(done).unfinished is None
+
+
 def test_curve_uses_steps_every_seed_has(tmp_path):
   a = write_run(tmp_path / "fig2b" / "n1_seed0", ca_records(1, 0, steps=(50, 100, 150)))
   b = write_run(tmp_path / "fig2b" / "n1_seed1", ca_records(1, 1, steps=(50, 100)))
