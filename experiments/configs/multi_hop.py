@@ -7,7 +7,7 @@
     python -m experiments.train --config=experiments/configs/multi_hop.py:paper,full_attention --workdir=runs/mh_full
 
 Presets: `smoke` (seconds; tests), `small` (a 20-node cycle, hops up to 8, d = 64; one CPU in
-under 30 minutes), `paper` (75 nodes, hops 1..16, 10 layers AGAG..., d = 512, batch 128, Muon lr
+about 30 minutes), `paper` (75 nodes, hops 1..16, 10 layers AGAG..., d = 512, batch 128, Muon lr
 2e-3, AdamW lr 5e-5; the paper compares N = 1, 2, 4). Append `,<variant>` for a baseline.
 """
 
@@ -27,7 +27,7 @@ def _small(c):
   c.task.params.train_hops = (1, 8)
   c.task.params.eval_hops = (1, 2, 4, 8)
   common.set_model(c, d_model=64, num_heads=4, layout="AGAG")
-  common.set_run(c, n=2, batch_size=16, steps=1500, warmup_steps=50, **common.SMALL_LRS,
+  common.set_run(c, n=2, batch_size=16, steps=1000, warmup_steps=50, **common.SMALL_LRS,
                  eval_every=250, eval_examples=512, checkpoint_every=250, log_every=25)
 
 
