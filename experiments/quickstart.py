@@ -60,8 +60,8 @@ QUICKSTART: dict[str, Any] = {
     "log_every": 50,
 }
 DEFAULT_NS = "1,2"
-EXIT_PREEMPTED = common.EXIT_PREEMPTED
 DEFAULT_SEEDS = "0,1"
+EXIT_PREEMPTED = common.EXIT_PREEMPTED  # a run was stopped by SIGTERM; rerun to resume
 
 # --tiny: the smoke preset (a two-block d = 32 model, batch 8); only checks that everything runs.
 TINY: dict[str, Any] = {"eval_examples": 16, "eval_every": 0, "checkpoint_every": 100_000}
