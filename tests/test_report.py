@@ -265,7 +265,6 @@ def test_sweep_writes_run_json_that_the_report_reads(tmp_path):
   assert summary["fig4"]["sources"] == ["run.json"]
 
 
-
 def test_fig6_grid_keeps_tokens_per_step(capsys):
   from experiments.sweeps import fig6
 

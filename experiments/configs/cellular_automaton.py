@@ -6,8 +6,8 @@
     python -m experiments.train --config=experiments/configs/cellular_automaton.py:paper --config.n=3 --workdir=runs/ca_t32_n3
     python -m experiments.train --config=experiments/configs/cellular_automaton.py:paper,compute_matched --workdir=runs/ca_t32_n1_cm
 
-Presets: `smoke` (seconds; tests), `small` (t = 4 on 2 states of 12 cells, d = 64, batch 64; about 10 minutes on a CPU),
-`paper` (t = 32, 4 blocks AGAG, d = 256, batch 512, Muon lr 2e-3, AdamW lr 5e-5; the paper trains
+Presets: `smoke` (seconds; tests), `small` (t = 4 on 2 states of 12 cells, d = 64, batch 64;
+about 10 minutes on a CPU; the quickstart's setting), `paper` (t = 32, 4 blocks AGAG, d = 256, batch 512, Muon lr 2e-3, AdamW lr 5e-5; the paper trains
 N in {1, 2, 3, 4}: set `--config.n`). Append `,<variant>` for a baseline (see baselines.py).
 """
 

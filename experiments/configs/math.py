@@ -7,10 +7,10 @@
     python -m experiments.train --config=experiments/configs/math.py:paper,sliding --config.task.params.window=512 --workdir=runs/math_sliding_n4
 
 Presets: `smoke` (the `tiny` scale; seconds), `small` (the `small` scale: L = 128, T = 512,
-1..8 ops; d = 64, 1,000 steps; about 30 minutes on one CPU core), `paper` (the `paper` scale: L = 2000, 2,000 to
-3,300 tokens; batch 256, Muon lr 1e-3, AdamW lr 5e-5). The paper fine-tunes pretrained 1.4-2B
-models; ours are trained from scratch, so the `paper` model size (8 blocks, d = 512) is our
-choice. The paper's sliding-window runs use L = 512: `,sliding --config.task.params.window=512`.
+1..8 ops; d = 64, 1,000 steps; about 30 minutes on one CPU core), `paper` (the `paper` scale:
+L = 2000, 2,000 to 3,300 tokens; batch 256, Muon lr 1e-3, AdamW lr 5e-5). The paper fine-tunes
+pretrained 1.4-2B models; ours are trained from scratch, so the `paper` model size (8 blocks,
+d = 512) is our choice. The paper's sliding-window runs use L = 512: `,sliding --config.task.params.window=512`.
 """
 
 from experiments.configs import common
