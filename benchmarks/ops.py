@@ -1,15 +1,19 @@
-"""Times the fast-weight op: per-token scan vs chunkwise-parallel, forward and forward+backward.
+"""Times the fast-weight op: per-token scan vs chunkwise-parallel (pure JAX, and with the Pallas
+kernel for the inter-chunk recurrence), forward and forward+backward.
 
 Prints a table and writes JSON. Each timed call gets the next of several random input sets
 (never zeros); after compilation and warm-up, the median of ``--runs`` calls is reported,
 with ``block_until_ready`` on every output. The implementations take turns call by call,
-so that background load on a shared machine affects their ratio as little as possible. Forward+backward is the gradient of a random
-linear functional of ``(o, final_state)`` with respect to all six inputs.
+so that background load on a shared machine affects their ratio as little as possible.
+Forward+backward is the gradient of a random linear functional of ``(o, final_state)`` with
+respect to all six inputs. ``pallas`` has no backward kernel: its backward pass is the pure-JAX
+chunked form's (``sleep_jax/ops/gated_delta_pallas.py``).
 
 FLOP counts per token per head (the chunked form, C = chunk size): ``6 Dk Dv + C (6 Dk +
 4 Dv)`` for the gated delta rule (docs/delta_rule.md derives it) and ``4 Dk Dv + 2 C (Dk +
 Dv)`` for the Hebbian rule; the per-token scan does ``6 Dk Dv`` (gated delta) or ``4 Dk Dv``
-(Hebbian). Forward+backward is counted as three forwards.
+(Hebbian); ``pallas`` is counted as the chunked form. Forward+backward is counted as three
+forwards.
 
 On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
 ``fla`` (PyTorch + Triton) can be imported.
@@ -44,7 +48,9 @@ _DTYPE = flags.DEFINE_enum(
     "Dtype of q, k, v. Default float32 on CPU, bfloat16 on accelerators.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of the chunked form.")
 _RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
-_IMPLS = flags.DEFINE_list("impls", ["scan", "chunked"], "Implementations to time.")
+_IMPLS = flags.DEFINE_list(
+    "impls", None, "Implementations to time among scan, chunked, pallas, auto (default: scan, "
+    "chunked, and pallas on GPU/TPU; on CPU the Pallas kernel only runs in its slow interpreter).")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed calls per row (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -199,9 +205,10 @@ def main(argv):
                                        (_ACCEL_SHAPES if accelerator else _CPU_SHAPES))]
   dtype_name = _DTYPE.value or ("bfloat16" if accelerator else "float32")
   dtype = jnp.dtype(dtype_name)
-  for name in _IMPLS.value:
-    if name not in ("scan", "chunked", "auto"):
-      raise ValueError(f"--impls entries must be scan, chunked or auto, got {name!r}.")
+  impls = _IMPLS.value or (["scan", "chunked", "pallas"] if accelerator else ["scan", "chunked"])
+  for name in impls:
+    if name not in ("scan", "chunked", "pallas", "auto"):
+      raise ValueError(f"--impls entries must be scan, chunked, pallas or auto, got {name!r}.")
   for name in _MODES.value:
     if name not in ("fwd", "fwdbwd"):
       raise ValueError(f"--modes entries must be fwd or fwdbwd, got {name!r}.")
@@ -223,7 +230,7 @@ def main(argv):
                   jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
     for mode in _MODES.value:
       compiled = {}
-      for impl in _IMPLS.value:
+      for impl in impls:
         kept_gib = t * b * h * d * d * 4 / 2 ** 30
         if impl == "scan" and mode == "fwdbwd" and kept_gib > _SCAN_BWD_MAX_GIB.value:
           compiled[impl] = f"scan backward would keep {kept_gib:.1f} GiB of states"
@@ -233,7 +240,7 @@ def main(argv):
         compiled[impl] = (fn, compile_s, temp_bytes)
       runnable = {i: c[0] for i, c in compiled.items() if not isinstance(c, str)}
       times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
-      for impl in _IMPLS.value:
+      for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
                "dtype": dtype_name, "rule": _RULE.value, "chunk_size": _CHUNK.value}
         rows.append(row)

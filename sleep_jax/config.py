@@ -22,7 +22,7 @@ EVICTIONS = ("hard", "sliding", "none")
 RULES = ("gated_delta", "hebbian")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
-DELTA_IMPLS = ("auto", "scan", "chunked")
+DELTA_IMPLS = ("auto", "scan", "chunked", "pallas")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -59,7 +59,8 @@ class ModelConfig:
     dtype: compute dtype; None picks bfloat16 on GPU/TPU and float32 on CPU. Parameters are always
       float32 and the fast-weight state is always float32.
     remat: `jax.checkpoint` policy applied to every pass ("none" disables rematerialisation).
-    delta_impl: implementation of the fast-weight op ("auto", "scan" or "chunked").
+    delta_impl: implementation of the fast-weight op ("auto", "scan", "chunked" or "pallas";
+      see `sleep_jax.ops.gated_delta_rule`).
     chunk_size: chunk length of the chunkwise-parallel op.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose).
   """
@@ -117,6 +118,11 @@ class ModelConfig:
     if self.delta_impl not in DELTA_IMPLS:
       _fail("delta_impl", f"must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
     _check_positive_int("chunk_size", self.chunk_size)
+    if self.delta_impl == "pallas":
+      for field, size in (("head_dim", self.resolved_head_dim), ("chunk_size", self.chunk_size)):
+        if size < 16 or size & (size - 1):
+          _fail("delta_impl", f"'pallas' needs {field} to be a power of two >= 16, got {size}; "
+                "change it or use delta_impl='chunked'")
     if self.attention_impl is not None and self.attention_impl not in ATTENTION_IMPLS:
       _fail("attention_impl", f"must be None or one of {ATTENTION_IMPLS}, "
             f"got {self.attention_impl!r}")

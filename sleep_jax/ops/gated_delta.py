@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from sleep_jax.ops import gated_delta_chunked
+from sleep_jax.ops import gated_delta_pallas
 
-IMPLS = ("auto", "scan", "chunked")
+IMPLS = ("auto", "scan", "chunked", "pallas")
 RULES = ("gated_delta", "hebbian")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -189,8 +190,11 @@ def gated_delta_rule(
     log_alpha: ``[b t h]`` log of the decay, ``<= 0`` and finite.
     initial_state: ``[b h k v]`` state before the first token; ``None`` means zeros.
     scale: readout scale, default ``Dk ** -0.5``.
-    impl: ``"scan"`` (per-token reference), ``"chunked"`` (chunkwise-parallel) or
-      ``"auto"`` (chosen per backend; currently chunked on CPU, GPU and TPU).
+    impl: ``"scan"`` (per-token reference), ``"chunked"`` (chunkwise-parallel),
+      ``"pallas"`` (the chunked form with its inter-chunk recurrence and outputs in a Pallas
+      kernel: Triton on GPU, Mosaic on TPU, the slow Pallas interpreter elsewhere; needs
+      chunk_size, Dk and Dv powers of two >= 16) or ``"auto"`` (chosen per backend; currently
+      chunked on CPU, GPU and TPU).
     chunk_size: chunk length of the chunked form (``>= 1``); a sequence shorter than one
       chunk uses its own length.
     rule: ``"gated_delta"`` or ``"hebbian"``.
@@ -203,14 +207,20 @@ def gated_delta_rule(
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
   b, t, h, dk, dv = _check_sequence_inputs(q, k, v, beta, log_alpha, initial_state)
+  if impl == "pallas":
+    problem = gated_delta_pallas.supported(chunk_size, dk, dv)
+    if problem:
+      raise ValueError(f"impl='pallas': {problem}; use impl='chunked' for these sizes.")
   if initial_state is None:
     state = jnp.zeros((b, h, dk, dv), jnp.float32)
   else:
     state = initial_state.astype(jnp.float32)
   scale = _default_scale(scale, dk)
-  if resolve_impl(impl) == "scan":
+  impl = resolve_impl(impl)
+  if impl == "scan":
     o, final_state = _scan_impl(q, k, v, beta, log_alpha, state, scale, rule)
   else:
     o, final_state = gated_delta_chunked.chunked_delta_rule(
-        q, k, v, beta, log_alpha, state, scale=scale, chunk_size=chunk_size, rule=rule)
+        q, k, v, beta, log_alpha, state, scale=scale, chunk_size=chunk_size, rule=rule,
+        kernel=impl == "pallas")
   return o.astype(v.dtype), final_state

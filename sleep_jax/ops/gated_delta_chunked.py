@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sleep_jax.ops import gated_delta_pallas
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -162,6 +164,7 @@ def chunked_delta_rule(
     scale: float | jax.Array,
     chunk_size: int,
     rule: str,
+    kernel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel recurrence (inputs already validated).
 
@@ -169,14 +172,18 @@ def chunked_delta_rule(
     q, k: ``[b t h k]``; v: ``[b t h v]``; beta, log_alpha: ``[b t h]``.
     initial_state: ``[b h k v]`` float32.
     scale: readout scale.
-    chunk_size: chunk length; sequences shorter than it use their own length.
+    chunk_size: chunk length; without ``kernel``, sequences shorter than it use their own
+      length.
     rule: ``"gated_delta"`` or ``"hebbian"``.
+    kernel: run the inter-chunk recurrence and the outputs in the Pallas kernel of
+      ``gated_delta_pallas`` (chunk_size, Dk and Dv powers of two >= 16; a short sequence is
+      padded to one whole chunk) instead of a ``lax.scan`` and batched products.
 
   Returns:
     ``(o [b t h v] float32, final_state [b h k v] float32)``.
   """
   _, seq_len, _, dv = v.shape
-  chunk = min(chunk_size, seq_len)
+  chunk = chunk_size if kernel else min(chunk_size, seq_len)
   num_chunks = -(-seq_len // chunk)
   pad = num_chunks * chunk - seq_len
   if pad:
@@ -210,6 +217,9 @@ def chunked_delta_rule(
          (beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32)], axis=-1)
     solved = _matmul_f32(unit_lower_inverse(a), rhs)
     u0, w = solved[..., :dv], solved[..., dv:]
+    if kernel:
+      return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
+                             dtype, seq_len, correct=True)
 
     def chunk_step(state, xs):
       u0_n, w_n, k_end_n, decay_n = xs
@@ -222,6 +232,10 @@ def chunked_delta_rule(
   else:
     # Hebbian: nothing is corrected, u = beta v does not depend on the state.
     u_hebbian = beta[..., None] * v.astype(jnp.float32)
+    if kernel:
+      # The kernel skips w S for the Hebbian rule; k_to_end stands in for the unused w.
+      return _kernel_outputs(q, k_to_end, u_hebbian, k_to_end, scores, from_start,
+                             initial_state, scale, dtype, seq_len, correct=False)
 
     def chunk_step(state, xs):
       u_n, k_end_n, decay_n = xs
@@ -241,3 +255,24 @@ def chunked_delta_rule(
   intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
   o = scale * (jnp.exp(from_start)[..., None] * inter + intra)
   return _from_chunks(o)[:, :seq_len], final_state
+
+
+def _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale, dtype,
+                    seq_len, *, correct):
+  """Outputs and final state from the Pallas kernel; chunked inputs ``[n b h c ...]``."""
+  n, b, h, c, dk = q.shape
+  dv = u0.shape[-1]
+
+  def rows(x, dtype=None):
+    # [n b h c ...] -> [(b h) n c ...]: one kernel row per batch entry and head.
+    x = x if dtype is None else x.astype(dtype)
+    return jnp.moveaxis(x, 0, 2).reshape((b * h, n) + x.shape[3:])
+
+  # The readout scale and the decay from the chunk start go into the operands.
+  qg = (scale * jnp.exp(from_start))[..., None] * q.astype(jnp.float32)
+  o, final_state = gated_delta_pallas.fused_recurrence(
+      rows(qg, dtype), rows(w, dtype), rows(u0, jnp.float32), rows(k_to_end, dtype),
+      rows(scale * scores, dtype), rows(jnp.exp(from_start[..., -1])),
+      initial_state.reshape(b * h, dk, dv), correct)
+  o = jnp.moveaxis(o.reshape(b, h, n * c, dv), 1, 2)
+  return o[:, :seq_len], final_state.reshape(b, h, dk, dv)

@@ -1,0 +1,244 @@
+"""Pallas kernel for the inter-chunk part of the chunked delta rule, fused with the outputs.
+
+The pure-JAX chunked form (``gated_delta_chunked.py``) carries the ``[Dk, Dv]`` state through a
+``lax.scan`` over chunks: on a GPU every chunk is a handful of tiny kernel launches, and the
+chunk-start states of all chunks are written to memory so that the outputs can be formed by
+batched products afterwards. This kernel keeps the state on chip instead. One program owns one
+(batch x head, block of Dv columns) pair and walks the chunks in order; per chunk ``n``::
+
+    u_n   = u0_n - w_n S_n                   (corrected values; u_n = u0_n for Hebbian)
+    o_n   = qg_n S_n + P_n u_n               (qg_n: queries decayed from the chunk start,
+                                              P_n: decayed causal scores q k^T; both carry
+                                              the readout scale)
+    S_n+1 = a_n S_n + kend_n^T u_n           (a_n: decay over the whole chunk)
+
+so neither the per-chunk states nor ``u`` ever reach memory. Everything before (decays, the
+triangular solve, scores) stays in XLA, batched over all chunks.
+
+Backends. GPU: Triton (``jax.experimental.pallas.triton``), the chunk loop inside the kernel,
+grid ``(B*H, Dv / bv)``. TPU: Mosaic, the chunks as the last ("arbitrary") grid axis with the state
+in a VMEM scratch. Other backends (CPU): Pallas' interpreter, which is slow and only meant for
+tests. ``jax.lax.platform_dependent`` picks the kernel when the computation is lowered, so
+ahead-of-time compilation for a TPU topology on a CPU host gets the Mosaic kernel.
+
+Precision. The state is float32. Products take their operands in the compute dtype (float32 for
+float32 inputs, at HIGHEST precision; bf16/f16 inputs give bf16/f16 operands, float32
+accumulation): with bf16 inputs the state is rounded to bf16 as an operand of ``w S`` and
+``qg S``, where the pure-JAX scan keeps it in float32. Tests bound the difference.
+
+Gradients. The kernel has no backward of its own: ``fused_recurrence`` is a ``jax.custom_vjp``
+whose backward pass differentiates the pure-JAX reference of the same function (a ``lax.scan``,
+recomputing the forward), so gradients equal the chunked form's.
+
+Shape legend: ``g`` = B*H rows, ``n`` chunks, ``c`` tokens per chunk, ``k`` Dk, ``v`` Dv.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Columns of the state one GPU program owns. 64 keeps a [128, 64] float32 state in registers
+# (64 per thread at 4 warps) and gives B*H*2 programs at Dv=128, enough to fill an H100/H200.
+_GPU_BLOCK_V = 64
+
+
+def supported(chunk: int, dk: int, dv: int) -> str | None:
+  """Why the kernel cannot run these sizes, or None if it can.
+
+  Triton's matrix products need power-of-two extents of at least 16 on every axis of a product.
+  """
+  for name, size in (("chunk_size", chunk), ("Dk", dk), ("Dv", dv)):
+    if size < 16 or size & (size - 1):
+      return f"{name} must be a power of two >= 16 for the Pallas kernel, got {size}"
+  return None
+
+
+def _dot(x: jax.Array, y: jax.Array, dtype, contract_first: bool = False) -> jax.Array:
+  """x @ y (or x^T @ y) with float32 results from `dtype` operands."""
+  dims = (((0,), (0,)), ((), ())) if contract_first else (((1,), (0,)), ((), ()))
+  precision = _HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _chunk(qg, w, u0, kend, scores, decay, state, *, dtype, correct):
+  """One chunk of the recurrence for one row block. Returns (o [c bv], new state [k bv])."""
+  u = u0 - _dot(w, state, dtype) if correct else u0
+  o = _dot(qg, state, dtype) + _dot(scores, u, dtype)
+  new_state = decay * state + _dot(kend, u, dtype, contract_first=True)
+  return o, new_state
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(qg, w, u0, kend, scores, decay, initial_state, *, correct):
+  """Pure-JAX definition of the fused function, a lax.scan over chunks.
+
+  Args:
+    qg, w, kend: ``[g n c k]``; u0: ``[g n c v]`` float32; scores: ``[g n c c]``;
+    decay: ``[g n]`` float32; initial_state: ``[g k v]`` float32.
+
+  Returns:
+    ``(o [g n c v] float32, final_state [g k v] float32)``.
+  """
+  chunk = functools.partial(_chunk, dtype=qg.dtype, correct=correct)
+
+  def step(state, xs):
+    qg_n, w_n, u0_n, kend_n, scores_n, decay_n = xs
+    o, state = jax.vmap(chunk)(qg_n, w_n, u0_n, kend_n, scores_n, decay_n[:, None, None], state)
+    return state, o
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (qg, w, u0, kend, scores, decay))
+  # Remat keeps only the carried state per chunk for the backward pass.
+  final_state, o = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), initial_state, xs)
+  return jnp.moveaxis(o, 0, 1), final_state
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _gpu_kernel(qg_ref, w_ref, u0_ref, kend_ref, scores_ref, decay_ref, s0_ref, o_ref, sT_ref,
+                *, num_chunks, correct):
+  """One (row, Dv block) program; the chunks in a loop, the state in registers."""
+  dtype = qg_ref.dtype
+
+  def body(n, state):
+    o, state = _chunk(qg_ref[n], w_ref[n], u0_ref[n], kend_ref[n], scores_ref[n], decay_ref[n],
+                      state, dtype=dtype, correct=correct)
+    o_ref[n] = o
+    return state
+
+  sT_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...])
+
+
+def _tpu_kernel(qg_ref, w_ref, u0_ref, kend_ref, scores_ref, decay_ref, s0_ref, o_ref, sT_ref,
+                state_ref, *, correct):
+  """One chunk of one (row, Dv block); the chunk is the innermost, sequential grid axis and the
+  state lives in VMEM scratch between its steps."""
+  n = pl.program_id(2)
+
+  @pl.when(n == 0)
+  def _():
+    state_ref[...] = s0_ref[...]
+
+  o, state = _chunk(qg_ref[...], w_ref[...], u0_ref[...], kend_ref[...], scores_ref[...],
+                    decay_ref[0, n], state_ref[...], dtype=qg_ref.dtype,
+                    correct=correct)
+  o_ref[...] = o
+  state_ref[...] = state
+
+  @pl.when(n == pl.num_programs(2) - 1)
+  def _():
+    sT_ref[...] = state
+
+
+def _out_shapes(qg, u0):
+  g, n, c, _ = qg.shape
+  dk, dv = qg.shape[-1], u0.shape[-1]
+  return (jax.ShapeDtypeStruct((g, n, c, dv), jnp.float32),
+          jax.ShapeDtypeStruct((g, dk, dv), jnp.float32))
+
+
+def _call_gpu(qg, w, u0, kend, scores, decay, s0, *, correct, interpret=False):
+  """Triton kernel, grid (rows, Dv blocks); the whole sequence of a row is one block."""
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+
+  g, n, c, dk = qg.shape
+  dv = u0.shape[-1]
+  bv = min(_GPU_BLOCK_V, dv)
+  seq = lambda width: pl.BlockSpec((None, n, c, width), lambda i, j: (i, 0, 0, 0))
+  seq_v = pl.BlockSpec((None, n, c, bv), lambda i, j: (i, 0, 0, j))
+  state = pl.BlockSpec((None, dk, bv), lambda i, j: (i, 0, j))
+  kernel = functools.partial(_gpu_kernel, num_chunks=n, correct=correct)
+  return pl.pallas_call(
+      kernel,
+      out_shape=_out_shapes(qg, u0),
+      grid=(g, dv // bv),
+      in_specs=[seq(dk), seq(dk), seq_v, seq(dk), seq(c),
+                pl.BlockSpec((None, n), lambda i, j: (i, 0)), state],
+      out_specs=[seq_v, state],
+      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="gated_delta_chunks",
+  )(qg, w, u0, kend, scores, decay, s0)
+
+
+def _call_tpu(qg, w, u0, kend, scores, decay, s0, *, correct, interpret=False):
+  """Mosaic kernel, grid (rows, Dv blocks, chunks); one chunk per grid step."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
+  g, n, c, dk = qg.shape
+  dv = u0.shape[-1]
+  # A full 128-lane tile of columns when Dv allows it, else all of Dv (a full-extent block).
+  bv = 128 if dv % 128 == 0 else dv
+  chunk = lambda width: pl.BlockSpec((None, None, c, width), lambda i, j, m: (i, m, 0, 0))
+  chunk_v = pl.BlockSpec((None, None, c, bv), lambda i, j, m: (i, m, 0, j))
+  state = pl.BlockSpec((None, dk, bv), lambda i, j, m: (i, 0, j))
+  kernel = functools.partial(_tpu_kernel, correct=correct)
+  return pl.pallas_call(
+      kernel,
+      out_shape=_out_shapes(qg, u0),
+      grid=(g, dv // bv, n),
+      in_specs=[chunk(dk), chunk(dk), chunk_v, chunk(dk), chunk(c),
+                # The decays of a row as scalars in SMEM (a [1, 1] VMEM block would pad to a tile).
+                pl.BlockSpec((None, 1, n), lambda i, j, m: (i, 0, 0), memory_space=pltpu.SMEM),
+                state],
+      out_specs=[chunk_v, state],
+      scratch_shapes=[pltpu.VMEM((dk, bv), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="gated_delta_chunks",
+  )(qg, w, u0, kend, scores, decay[:, None], s0)
+
+
+def _kernel(qg, w, u0, kend, scores, decay, s0, *, correct):
+  return jax.lax.platform_dependent(
+      qg, w, u0, kend, scores, decay, s0,
+      cuda=functools.partial(_call_gpu, correct=correct),
+      tpu=functools.partial(_call_tpu, correct=correct),
+      default=functools.partial(_call_gpu, correct=correct, interpret=True))
+
+
+# ----------------------------------------------------------------------------- public
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def fused_recurrence(qg, w, u0, kend, scores, decay, initial_state, correct):
+  """The inter-chunk recurrence and the outputs, by the Pallas kernel of this platform.
+
+  Args:
+    qg, w, kend: ``[g n c k]`` in the compute dtype: the queries times their decay from the
+      chunk start and the readout scale; the ``w`` of the WY form (what the chunk-start state
+      takes from the corrected values); the keys decayed to the chunk end.
+    u0: ``[g n c v]`` float32, corrected values for a zero chunk-start state.
+    scores: ``[g n c c]`` compute dtype, the decayed causal scores inside each chunk, times the
+      readout scale.
+    decay: ``[g n]`` float32, the decay over each whole chunk.
+    initial_state: ``[g k v]`` float32.
+    correct: ``True`` for the delta rule, ``False`` for the Hebbian rule (``w`` unused).
+
+  Returns:
+    ``(o [g n c v] float32, final_state [g k v] float32)``, equal to ``reference``.
+  """
+  return _kernel(qg, w, u0, kend, scores, decay, initial_state, correct=correct)
+
+
+def _fused_fwd(qg, w, u0, kend, scores, decay, initial_state, correct):
+  out = _kernel(qg, w, u0, kend, scores, decay, initial_state, correct=correct)
+  return out, (qg, w, u0, kend, scores, decay, initial_state)
+
+
+def _fused_bwd(correct, residuals, cotangents):
+  _, vjp = jax.vjp(functools.partial(reference, correct=correct), *residuals)
+  return vjp(cotangents)
+
+
+fused_recurrence.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,185 @@
+"""Tests of the Pallas kernel of the chunked delta rule (sleep_jax/ops/gated_delta_pallas.py).
+
+On CPU the kernels run in Pallas' interpreter, which executes the same kernel body and block
+indexing as the compiled kernels: values are checked against the float64 token-by-token
+reference of tests/test_ops.py and against an independent NumPy loop over chunks. The Triton
+lowering is checked by exporting for CUDA (no GPU needed: it produces the Triton module), the
+Mosaic one by compiling for a TPU v5e topology (needs libtpu, marked `tpu_aot`).
+"""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from sleep_jax import ModelConfig
+from sleep_jax import ops
+from sleep_jax.ops import gated_delta_pallas
+from test_ops import RULES, assert_close, make_inputs, reference, run
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("t", [37, 5])  # 2 chunks + 5 tokens; one short, padded chunk
+def test_float32_matches_float64_reference(rule, t):
+  inputs = make_inputs(0, t=t, dk=16, dv=32)
+  o, final_state = run(inputs, scale=0.8, impl="pallas", rule=rule, chunk_size=16)
+  o_ref, s_ref = reference(*inputs, 0.8, rule)
+  assert o.dtype == jnp.float32 and final_state.dtype == jnp.float32
+  assert_close(o, o_ref, 1e-5)
+  assert_close(final_state, s_ref, 1e-5)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bfloat16_error_stays_at_bfloat16_rounding(rule):
+  """With bf16 inputs the kernel feeds the state to its products as bf16 (the pure-JAX scan
+  keeps it float32): outputs stay within twice the pure-JAX form's error against float64, and
+  the final state within bf16's unit roundoff (2^-8) of its largest entry."""
+  inputs = make_inputs(1, t=64, dk=16, dv=16, dtype=jnp.bfloat16)
+  o_ref, s_ref = reference(*inputs, 0.25, rule)
+  errors = {}
+  for impl in ("pallas", "chunked"):
+    o, final_state = run(inputs, scale=0.25, impl=impl, rule=rule, chunk_size=16)
+    assert o.dtype == jnp.bfloat16 and final_state.dtype == jnp.float32
+    errors[impl] = (np.max(np.abs(np.asarray(o, np.float64) - o_ref)),
+                    np.max(np.abs(np.asarray(final_state, np.float64) - s_ref)))
+  assert errors["pallas"][0] <= 2 * errors["chunked"][0], errors
+  assert errors["pallas"][1] <= 2.0 ** -8 * np.max(np.abs(s_ref)), errors
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_gradients_equal_the_chunked_form(rule):
+  inputs = make_inputs(2, t=40, dk=16, dv=16)
+  rng = np.random.default_rng(3)
+  co = jnp.asarray(rng.standard_normal((2, 40, 3, 16)), jnp.float32)
+  cs = jnp.asarray(rng.standard_normal((2, 3, 16, 16)), jnp.float32)
+
+  def objective(impl):
+    def f(*args):
+      o, s = ops.gated_delta_rule(*args[:5], initial_state=args[5], impl=impl, rule=rule,
+                                  chunk_size=16)
+      return jnp.sum(o * co) + jnp.sum(s * cs)
+    return jax.jit(jax.grad(f, argnums=tuple(range(6))))
+
+  for g_kernel, g_pure in zip(objective("pallas")(*inputs), objective("chunked")(*inputs)):
+    scale = float(np.sqrt(np.mean(np.square(np.asarray(g_pure)))))
+    assert float(np.max(np.abs(np.asarray(g_kernel - g_pure)))) <= 1e-5 * scale
+
+
+def _fused_inputs(seed, g=3, n=4, c=16, dk=16, dv=32):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32) * 0.3  # noqa: E731
+  return (normal(g, n, c, dk), normal(g, n, c, dk), normal(g, n, c, dv), normal(g, n, c, dk),
+          normal(g, n, c, c), rng.uniform(0.3, 1.0, (g, n)).astype(np.float32),
+          normal(g, dk, dv))
+
+
+def _fused_numpy(qg, w, u0, kend, scores, decay, state, correct):
+  """The fused function chunk by chunk, in float64: u = u0 - w S, o = qg S + P u,
+  S <- a S + kend^T u."""
+  qg, w, u0, kend, scores, decay, state = (np.asarray(x, np.float64) for x in
+                                           (qg, w, u0, kend, scores, decay, state))
+  outputs = np.zeros(qg.shape[:3] + (u0.shape[-1],))
+  for n in range(qg.shape[1]):
+    u = u0[:, n] - (w[:, n] @ state if correct else 0.0)
+    outputs[:, n] = qg[:, n] @ state + scores[:, n] @ u
+    state = decay[:, n, None, None] * state + np.swapaxes(kend[:, n], 1, 2) @ u
+  return outputs, state
+
+
+KERNELS = {"gpu": gated_delta_pallas._call_gpu, "tpu": gated_delta_pallas._call_tpu}
+
+
+@pytest.mark.parametrize("call", sorted(KERNELS))
+@pytest.mark.parametrize("correct", [True, False])
+def test_both_kernels_equal_the_chunk_loop(call, correct):
+  """The Triton-shaped kernel (chunk loop inside) and the Mosaic-shaped one (chunk grid axis,
+  state in scratch), each in the interpreter, against a NumPy loop over chunks."""
+  inputs = _fused_inputs(4)
+  kernel = KERNELS[call]
+  o, state = jax.jit(lambda *a: kernel(*a, correct=correct, interpret=True))(*inputs)
+  o_ref, s_ref = _fused_numpy(*inputs, correct)
+  assert_close(o, o_ref, 1e-5)
+  assert_close(state, s_ref, 1e-5)
+
+
+@pytest.mark.parametrize("call", sorted(KERNELS))
+def test_column_blocks_each_own_their_columns(call):
+  """Dv = 256 is split over programs (4 x 64 columns on GPU, 2 x 128 on TPU)."""
+  inputs = _fused_inputs(5, g=2, n=2, dv=256)
+  kernel = KERNELS[call]
+  o, state = jax.jit(lambda *a: kernel(*a, correct=True, interpret=True))(*inputs)
+  o_ref, s_ref = _fused_numpy(*inputs, True)
+  assert_close(o, o_ref, 1e-5)
+  assert_close(state, s_ref, 1e-5)
+
+
+def _bf16_operands(seed=6, g=4, n=8, c=64, dk=128, dv=128):
+  qg, w, u0, kend, scores, decay, state = _fused_inputs(seed, g, n, c, dk, dv)
+  cast = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  return (cast(qg), cast(w), jnp.asarray(u0), cast(kend), cast(scores), jnp.asarray(decay),
+          jnp.asarray(state))
+
+
+def test_cuda_lowering_emits_one_triton_kernel():
+  """Pallas' Triton lowering accepts the kernel at the benchmark's block sizes (chunk 64,
+  Dk = Dv = 128, bf16). Compiling the Triton module needs a GPU and is not checked here."""
+  args = _bf16_operands()
+  fn = jax.jit(lambda *a: gated_delta_pallas.fused_recurrence(*a, True))
+  exported = export.export(
+      fn, platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  text = exported.mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert "gated_delta_chunks" in text
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_mosaic_kernel_compiles_for_tpu_v5e():
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+          for x in _bf16_operands(c=128, n=4)]
+  fn = jax.jit(lambda *a: gated_delta_pallas.fused_recurrence(*a, True))
+  compiled = fn.trace(*args).lower(lowering_platforms=("tpu",)).compile()
+  assert "gated_delta_chunks" in compiled.as_text()
+
+
+def test_unsupported_sizes_are_refused_with_the_fix():
+  inputs = make_inputs(0, t=8, dk=5, dv=16)
+  with pytest.raises(ValueError, match=r"Dk must be a power of two >= 16.*impl='chunked'"):
+    run(inputs, impl="pallas", chunk_size=16)
+  with pytest.raises(ValueError, match=r"chunk_size must be a power of two >= 16"):
+    run(make_inputs(0, t=8, dk=16, dv=16), impl="pallas", chunk_size=24)
+  with pytest.raises(ValueError, match=r"delta_impl: 'pallas' needs head_dim"):
+    ModelConfig(vocab_size=16, d_model=48, num_heads=2, delta_impl="pallas")
+
+
+def test_model_loss_and_gradients_equal_the_chunked_op():
+  """A sleep model whose fast-weight blocks run the kernel: Algorithm 1's loss and its
+  gradients equal those of the same model with the pure-JAX chunked op."""
+  import sleep_jax as sj
+
+  window, windows = 16, 3
+  rng = np.random.default_rng(7)
+  tokens = jnp.asarray(rng.integers(0, 32, (2, window * windows)), jnp.int32)
+  batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "loss_mask": jnp.ones(tokens.shape, bool)}
+  results = {}
+  for impl in ("pallas", "chunked"):
+    cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, layout="GaG", window=window,
+                      chunk_size=16, delta_impl=impl, dtype="float32")
+    params = sj.init(cfg, jax.random.PRNGKey(0))
+    fn = jax.jit(jax.value_and_grad(
+        lambda p: sj.loss(p, batch, 2, consolidation_windows=(True, True, False))[0]))
+    results[impl] = fn(params)
+  (l_kernel, g_kernel), (l_pure, g_pure) = results["pallas"], results["chunked"]
+  assert float(l_pure) > 1.0  # the last window is scored, after two slept windows
+  np.testing.assert_allclose(l_kernel, l_pure, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_kernel.weights), jax.tree.leaves(g_pure.weights)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))) + 1e-9)
