@@ -172,7 +172,7 @@ def test_model_loss_and_gradients_equal_the_chunked_op():
            "loss_mask": jnp.ones(tokens.shape, bool)}
   results = {}
   for impl in ("pallas", "chunked"):
-    cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, layout="GaG", window=window,
+    cfg = ModelConfig(vocab_size=32, d_model=32, num_heads=2, layout="ag", window=window,
                       chunk_size=16, delta_impl=impl, dtype="float32")
     params = sj.init(cfg, jax.random.PRNGKey(0))
     fn = jax.jit(jax.value_and_grad(
