@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sleep_jax import attention
 from sleep_jax import ops
 from sleep_jax.config import ModelConfig
 
@@ -73,12 +74,24 @@ def rope(x: Array, positions, base: float) -> Array:
   return out.astype(x.dtype)
 
 
+def _blocked(cfg: ModelConfig) -> bool:
+  """Sliding windows by blocks of queries (`sleep_jax.attention`) on the XLA path, for windows
+  where blocks pay. cuDNN keeps one call: `local_window_size` without a cache (it skips the
+  masked tiles itself), the explicit mask with one."""
+  return (cfg.attention_impl != "cudnn" and attention.blocks_pay(cfg.window)
+          and not attention.dense_masks_forced())
+
+
 class Attention(nn.Module):
   """Causal multi-head softmax attention with RoPE over the window cache.
 
   The cache holds keys already rotated by their slot (`rope(k, slot)`), so a call rotates only its
   own queries and keys, never the whole cache: a decode step does not pay a rotation of every
   slot. `sleep_jax.evict` counter-rotates the keys it moves to earlier slots.
+
+  Under sliding eviction on the XLA path, windows of at least `attention.MIN_BLOCKED_WINDOW`
+  tokens attend by blocks of queries (`attention.sliding_window_attention`), each to the key
+  slots its window reaches, instead of scoring every cache slot and masking most of them.
   """
 
   config: ModelConfig
@@ -96,10 +109,14 @@ class Attention(nn.Module):
       # The tokens are the whole context: plain causal attention, no mask tensor.
       pos = jnp.arange(t)
       k = rope(k, pos, cfg.rope_base)
-      local = (cfg.window - 1, 0) if (cfg.eviction == "sliding" and t > cfg.window) else None
-      out = jax.nn.dot_product_attention(
-          rope(q, pos, cfg.rope_base), k, v, is_causal=True,
-          local_window_size=local, implementation=cfg.attention_impl)
+      q = rope(q, pos, cfg.rope_base)
+      if cfg.eviction == "sliding" and t > cfg.window and _blocked(cfg):
+        out = attention.sliding_window_attention(q, k, v, window=cfg.window,
+                                                 implementation=cfg.attention_impl)
+      else:
+        local = (cfg.window - 1, 0) if (cfg.eviction == "sliding" and t > cfg.window) else None
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                           implementation=cfg.attention_impl)
       # As a cache starting at slot 0 would hold them: keys rotated by their slot.
       new_cache = {"k": k, "v": v}
     else:
@@ -110,13 +127,21 @@ class Attention(nn.Module):
                                                cache_length, axis=1)
       cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                cache_length, axis=1)
-      k_pos = jnp.arange(ck.shape[1])
-      visible = k_pos[None, :] <= q_pos[:, None]
-      if cfg.eviction == "sliding":
-        visible &= k_pos[None, :] > q_pos[:, None] - cfg.window
-      out = jax.nn.dot_product_attention(
-          rope(q, q_pos, cfg.rope_base), ck.astype(dt), cv.astype(dt), mask=visible[None, None],
-          implementation=cfg.attention_impl)
+      q = rope(q, q_pos, cfg.rope_base)
+      if cfg.eviction == "sliding" and _blocked(cfg):
+        # Each block of queries attends to the slice of slots its window can reach.
+        out = attention.sliding_window_attention(q, ck.astype(dt), cv.astype(dt),
+                                                 window=cfg.window, q_start=cache_length,
+                                                 implementation=cfg.attention_impl)
+      else:
+        k_pos = jnp.arange(ck.shape[1])
+        if cfg.eviction == "sliding":
+          visible = attention.sliding_window_mask(q_pos, k_pos, cfg.window)
+        else:
+          visible = k_pos[None, :] <= q_pos[:, None]
+        out = jax.nn.dot_product_attention(q, ck.astype(dt), cv.astype(dt),
+                                           mask=visible[None, None],
+                                           implementation=cfg.attention_impl)
       new_cache = {"k": ck, "v": cv}
     y = _dense(cfg.d_model, dt, "o")(out.reshape(b, t, h * d))
     return y, new_cache

@@ -1,0 +1,167 @@
+"""Causal sliding-window attention that skips the blocks the window masks away.
+
+With a window of L tokens, a query at slot p sees the keys at slots p - L < s <= p. One call of
+`jax.nn.dot_product_attention` with a mask (its XLA implementation, used on the CPU, on TPU and on
+GPU unless cuDNN is asked for) scores every query against every key and masks afterwards: for the
+model's window-cache pass (t = L queries against the 2L - 1 slots of a sliding cache) about half of
+the scores are thrown away, for a long sequence almost all of them.
+
+`sliding_window_attention` cuts the queries into blocks of `bq`. The queries of a block starting at
+slot p0 can only see slots [p0 - L + 1, p0 + bq), so each block attends to a slice of
+`bq + L - 1` keys taken with `lax.dynamic_slice_in_dim` (p0 may be traced, e.g. the cache length)
+with the small mask that slice needs: t (bq + L - 1) scores instead of t c. At bq = L / 4 and
+t = L, c = 2L - 1 that is 1.25 L^2 instead of 2 L^2; a decode step (t = 1) scores L slots instead
+of 2L - 1.
+
+Shape legend: b batch, t queries, c key slots, h heads, d per-head width, n block length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Below this window the extra calls cost more than the masked scores they save: measured on a
+# 2-core CPU (t = L queries, 2L - 1 slots, 4 heads of 64, forward and forward+backward), blocks
+# were 0.3-0.8x the speed of one masked call at L = 8..64, 1.05-1.1x at L = 128 and 1.1-1.6x at
+# L = 256 (docs/performance.md).
+MIN_BLOCKED_WINDOW = 128
+
+# Up to this many blocks the loop over blocks is unrolled (the fastest form measured, forward and
+# backward, against `lax.map` and a gather of all key slices at once); beyond it (long sequences
+# without a cache) full blocks run under `lax.map`, so compile time stays bounded.
+MAX_UNROLLED_BLOCKS = 8
+
+
+_DENSE_MASKS = [False]
+
+
+@contextlib.contextmanager
+def force_dense_masks() -> Iterator[None]:
+  """Within this context, the model's sliding-window attention traces as one masked call (the path
+  without blocks), for comparisons. It acts at trace time: functions compiled before keep the path
+  they were traced with, so call `jax.clear_caches()` when entering and leaving."""
+  _DENSE_MASKS.append(True)
+  try:
+    yield
+  finally:
+    _DENSE_MASKS.pop()
+
+
+def dense_masks_forced() -> bool:
+  return _DENSE_MASKS[-1]
+
+
+def blocks_pay(window: int) -> bool:
+  """Whether the model should use `sliding_window_attention` (XLA path) for a window of L."""
+  return window >= MIN_BLOCKED_WINDOW
+
+
+def block_size(t: int, window: int) -> int:
+  """Queries per block for t queries under a window of L.
+
+  Each block of n queries scores n + L - 1 keys, so the scores per query are (1 + (L - 1) / n):
+  smaller blocks waste less, but every block is one more call. L / 4 (rounded, at least 1) keeps
+  the waste at a quarter of L while t = L needs only 4 blocks; it measured as fast as or faster
+  than L / 2 and L / 8 on the CPU. A divisor of t within a factor 2 of that is preferred, so that
+  every block has the same shape (no short last block); fewer than L / 4 queries (a decode step,
+  a short chunk) form one block.
+  """
+  _check_int("t", t)
+  _check_int("window", window)
+  target = max(1, round(window / 4))
+  if t <= target:
+    return t
+  if t % target == 0:
+    return target
+  divisors = [n for n in range(max(1, target // 2), 2 * target + 1) if t % n == 0]
+  return min(divisors, key=lambda n: (abs(n - target), n)) if divisors else target
+
+
+def sliding_window_attention(q: Array, k: Array, v: Array, *, window: int,
+                             q_start: Union[int, Array] = 0, block: Optional[int] = None,
+                             implementation: Optional[str] = None) -> Array:
+  """Causal attention limited to the last `window` keys, by blocks of queries.
+
+  Args:
+    q: [b t h d] queries at slots `q_start + arange(t)`.
+    k, v: [b c h d] keys and values at slots `0 .. c - 1` (a window cache, or the tokens
+      themselves with `q_start=0`). Slots after a query's own are never seen, so stale cache slots
+      beyond the filled ones do no harm.
+    window: L >= 1; the query at slot p sees slots s with p - L < s <= p.
+    q_start: slot of the first query, a Python int or a traced int32 scalar.
+      `q_start + t <= c` is the caller's promise (it is not checked under jit).
+    block: queries per block; None picks `block_size(t, window)`. When a block's key slice would
+      not be shorter than c, the whole call is one masked call (no gain from blocks).
+    implementation: forwarded to `jax.nn.dot_product_attention` for every block. Each block
+      carries a boolean mask (the slice start may be clamped at the cache's ends, so the band is
+      not at a static offset); with "cudnn" the mask becomes a bias and cuDNN's restrictions
+      apply (fp16/bf16 only; when differentiated, even query and key lengths).
+
+  Returns:
+    [b t h d] in the dtype of `v`; scores scaled by d^-1/2, softmax in float32, as
+    `jax.nn.dot_product_attention` computes them.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    raise ValueError(f"sliding_window_attention: q [b t h d] and k, v [b c h d] of one shape "
+                     f"expected, got q {q.shape}, k {k.shape}, v {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"sliding_window_attention: q {q.shape} and k {k.shape} must agree on b, h "
+                     "and d")
+  _check_int("window", window)
+  t, c = q.shape[1], k.shape[1]
+  n = block_size(t, window) if block is None else block
+  _check_int("block", n)
+  n = min(n, t)
+  span = n + window - 1  # keys a block of n queries can see
+  if span >= c:
+    return _attend(q, k, v, q_start, 0, window, implementation)
+
+  def one_block(q_block, first):
+    # `first` is the block's offset among the queries (static int or traced).
+    p0 = q_start + first
+    size = q_block.shape[1]
+    length = size + window - 1
+    # Clamped into the cache; the mask below uses the clamped start, so it stays exact.
+    start = jnp.clip(p0 - window + 1, 0, c - length)
+    k_block = jax.lax.dynamic_slice_in_dim(k, start, length, axis=1)
+    v_block = jax.lax.dynamic_slice_in_dim(v, start, length, axis=1)
+    return _attend(q_block, k_block, v_block, p0, start, window, implementation)
+
+  full = t // n
+  if full <= MAX_UNROLLED_BLOCKS:
+    outs = [one_block(q[:, i * n:(i + 1) * n], i * n) for i in range(full)]
+  else:
+    b, _, h, d = q.shape
+    blocks = jnp.moveaxis(q[:, :full * n].reshape(b, full, n, h, d), 1, 0)
+    mapped = jax.lax.map(lambda args: one_block(args[1], args[0] * n),
+                         (jnp.arange(full), blocks))
+    outs = [jnp.moveaxis(mapped, 0, 1).reshape(b, full * n, h, d)]
+  if t % n:
+    outs.append(one_block(q[:, full * n:], full * n))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def sliding_window_mask(q_slots: Array, k_slots: Array, window: int) -> Array:
+  """[t c] boolean: query slot p sees key slot s when p - window < s <= p."""
+  q_slots, k_slots = q_slots[:, None], k_slots[None, :]
+  return (k_slots <= q_slots) & (k_slots > q_slots - window)
+
+
+def _attend(q, k, v, q_start, k_start, window, implementation):
+  """One masked call: queries at q_start + arange(t), keys at k_start + arange(c)."""
+  mask = sliding_window_mask(q_start + jnp.arange(q.shape[1]), k_start + jnp.arange(k.shape[1]),
+                             window)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None],
+                                      implementation=implementation)
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"sliding_window_attention: {name} must be an integer >= {minimum}, "
+                     f"got {value!r}")

@@ -1,0 +1,223 @@
+"""Sliding-window attention by blocks of queries (`sleep_jax.attention`) against a float64 NumPy
+reference written from the definition, and the model with blocks against the model with one
+masked call."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sleep_jax as sj
+from sleep_jax import attention
+from sleep_jax import model as model_lib
+
+
+def reference(q, k, v, q_start, window):
+  """float64: the query at slot p = q_start + i takes a softmax over the keys at slots s with
+  p - window < s <= p of q.k / sqrt(d), and averages their values with it."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, h, d = q.shape
+  out = np.zeros((b, t, h, d))
+  for i in range(t):
+    p = q_start + i
+    slots = np.arange(max(0, p - window + 1), p + 1)
+    scores = np.einsum("bhd,bshd->bhs", q[:, i], k[:, slots]) / math.sqrt(d)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out[:, i] = np.einsum("bhs,bshd->bhd", weights, v[:, slots])
+  return out
+
+
+def random_qkv(b, t, c, h, d, seed, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((b, t, h, d))
+  k, v = rng.standard_normal((2, b, c, h, d))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def assert_close(a, b, tol):
+  """Relative error with an absolute floor, leaf by leaf over pytrees."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol * max(1.0, float(np.abs(y).max())))
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of its sub-jaxprs (jit-wrapped jnp functions); loops are not
+  expected in the paths counted here."""
+  for eqn in jaxpr.eqns:
+    assert eqn.primitive.name not in ("scan", "while"), "loop bodies would be counted once"
+    yield eqn
+    subs = [v for value in eqn.params.values()
+            for v in (value if isinstance(value, (tuple, list)) else (value,))]
+    for sub in subs:
+      if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+        yield from _equations(getattr(sub, "jaxpr", sub))
+
+
+def score_elements(fn, *args, d: int) -> int:
+  """Elements of every query-key score matrix in fn's jaxpr: float32 outputs of dot_generals with
+  batch dimensions that contract one axis of size d."""
+  total = 0
+  for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name != "dot_general":
+      continue
+    (contract, _), (batch, _) = eqn.params["dimension_numbers"]
+    lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+    if batch and out.dtype == jnp.float32 and [lhs.shape[i] for i in contract] == [d]:
+      total += math.prod(out.shape)
+  return total
+
+
+# ----------------------------------------------------------------------------- the function
+
+L = 8
+
+
+@jax.jit
+def _cache_path(q, k, v, q_start):
+  # window and block sizes are static; q_start is traced, as the model's cache length is.
+  return attention.sliding_window_attention(q, k, v, window=L, q_start=q_start)
+
+
+@pytest.mark.parametrize("t,q_start", [
+    (L, 0), (L, L - 1), (L, 3),      # a window pass: the first window, after eviction, other
+    (1, 0), (1, L - 1), (1, 2 * L - 2),  # decode, up to the last slot
+    (5, L - 1),                      # not a multiple of the block (block_size(5, 8) = 2)
+])
+def test_cache_path_matches_reference_with_traced_start(t, q_start):
+  b, c, h, d = 2, 2 * L - 1, 3, 8
+  q, k, v = random_qkv(b, t, c, h, d, seed=t + 10 * q_start)
+  out = _cache_path(q, k, v, jnp.int32(q_start))
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, reference(q, k, v, q_start, L), 2e-5)
+
+
+def test_stale_slots_after_the_queries_are_never_seen():
+  b, c, h, d = 1, 2 * L - 1, 2, 8
+  q, k, v = random_qkv(b, L, c, h, d, seed=3)
+  out = _cache_path(q, k, v, jnp.int32(2))
+  garbage = k.at[:, 2 + L:].set(1e3), v.at[:, 2 + L:].set(jnp.nan)
+  np.testing.assert_array_equal(_cache_path(q, *garbage, jnp.int32(2)), out)
+
+
+@pytest.mark.parametrize("t,window,block", [
+    (37, 6, 2),    # many blocks: lax.map over 18 full blocks, then a short one
+    (20, 8, None),  # unrolled: 10 blocks of 2
+])
+def test_no_cache_path_longer_than_the_window(t, window, block):
+  q, k, v = random_qkv(2, t, t, 2, 8, seed=t)
+  fn = jax.jit(lambda q, k, v: attention.sliding_window_attention(q, k, v, window=window,
+                                                                  block=block))
+  assert_close(fn(q, k, v), reference(q, k, v, 0, window), 2e-5)
+  # Agrees with JAX's own windowed causal attention as well.
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                          local_window_size=(window - 1, 0))
+  assert_close(fn(q, k, v), expected, 2e-5)
+
+
+def test_bfloat16_inputs_softmax_in_float32():
+  q, k, v = random_qkv(1, L, 2 * L - 1, 2, 16, seed=5, dtype=jnp.bfloat16)
+  out = _cache_path(q, k, v, jnp.int32(L - 1))
+  assert out.dtype == jnp.bfloat16
+  assert_close(out, reference(q, k, v, L - 1, L), 3e-2)
+
+
+def test_blocks_score_fewer_pairs_than_one_masked_call():
+  c, t = 2 * L - 1, L
+  q, k, v = random_qkv(1, t, c, 1, 4, seed=0)
+  blocked = score_elements(_cache_path, q, k, v, jnp.int32(0), d=4)
+  n = attention.block_size(t, L)
+  assert blocked == t * (n + L - 1) < t * c
+  decode = score_elements(_cache_path, q[:, :1], k, v, jnp.int32(0), d=4)
+  assert decode == L
+
+
+def test_block_size_choice():
+  assert attention.block_size(1, 1024) == 1          # decode: one block
+  assert attention.block_size(100, 1024) == 100      # fewer queries than L / 4: one block
+  assert attention.block_size(1024, 1024) == 256     # t = L: four blocks of L / 4
+  n = attention.block_size(1000, 1024)               # a divisor near L / 4 when there is one
+  assert 1000 % n == 0 and 128 <= n <= 512
+  assert attention.block_size(1021, 1024) == 256     # 1021 is prime: a short last block
+  assert not attention.blocks_pay(attention.MIN_BLOCKED_WINDOW - 1)
+  assert attention.blocks_pay(attention.MIN_BLOCKED_WINDOW)
+
+
+def test_bad_arguments_name_the_parameter():
+  q, k, v = random_qkv(1, 4, 7, 2, 8, seed=0)
+  with pytest.raises(ValueError, match="window"):
+    attention.sliding_window_attention(q, k, v, window=0)
+  with pytest.raises(ValueError, match="block"):
+    attention.sliding_window_attention(q, k, v, window=4, block=0)
+  with pytest.raises(ValueError, match=r"k, v \[b c h d\]"):
+    attention.sliding_window_attention(q, k, v[:, :3], window=4)
+  with pytest.raises(ValueError, match="agree"):
+    attention.sliding_window_attention(q, k[..., :4], v[..., :4], window=4)
+
+
+# ----------------------------------------------------------------------------- the model
+
+WINDOW = attention.MIN_BLOCKED_WINDOW  # the smallest window the model runs by blocks
+
+
+def _model_outputs(params, batch, n):
+  """The sliding objective over two windows (n sleep passes on the first), the gradient of two
+  window passes through the cache (cache lengths 0 and L - 1: t = L queries against 2L - 1
+  slots), and a pass without a cache over all 2L tokens."""
+  tokens = batch["tokens"]
+  objective = jax.jit(lambda p: sj.loss(p, batch, n, consolidation_windows=(True, False))[0])
+
+  def two_windows(p):
+    state, cache = sj.init_state(p, 2), sj.init_cache(p, 2)
+    h, state, cache = model_lib.forward_pass(p, model_lib.embed(p, tokens[:, :WINDOW]), state,
+                                             cache)
+    first = model_lib.logits_from_hidden(p, h)
+    h, _, _ = model_lib.forward_pass(p, model_lib.embed(p, tokens[:, WINDOW:]), state,
+                                     model_lib.evict(p, cache))
+    return jnp.sum(first * jnp.sin(first)) + jnp.sum(model_lib.logits_from_hidden(p, h) ** 2)
+
+  no_cache = jax.jit(lambda p: model_lib.forward_pass(p, model_lib.embed(p, tokens),
+                                                      sj.init_state(p, 2), None)[0])
+  return (objective(params), jax.jit(jax.value_and_grad(two_windows))(params),
+          no_cache(params))
+
+
+def test_model_by_blocks_equals_one_masked_call():
+  cfg = sj.ModelConfig(vocab_size=11, d_model=32, num_heads=2, layout="Aa", window=WINDOW,
+                       eviction="sliding", dtype="float32")
+  params = sj.init(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 2 * WINDOW), 0, 11, dtype=jnp.int32)
+  mask = jnp.zeros((2, 2 * WINDOW), bool).at[:, WINDOW:].set(True)
+  batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": mask}
+  blocked = _model_outputs(params, batch, 2)
+  jax.clear_caches()
+  with attention.force_dense_masks():
+    dense = _model_outputs(params, batch, 2)
+  jax.clear_caches()
+  assert_close(blocked, dense, 2e-5)
+
+
+def test_model_window_pass_scores_blocks_only_from_this_window_size():
+  """The model really takes the blocked path at WINDOW (and one masked call below it): count the
+  scores one window pass behind a full cache prefix computes, attention-only model."""
+
+  def scores(window, dense=False):
+    cfg = sj.ModelConfig(vocab_size=11, d_model=16, num_heads=2, layout="a", window=window,
+                         eviction="sliding")
+    params = jax.eval_shape(lambda: sj.init(cfg, jax.random.key(0)))
+    cache = sj.init_cache(params, 1).replace(length=jnp.int32(window - 1))
+    fn = lambda p, x, s, c: model_lib.forward_pass(p, x, s, c)[0]
+    args = (params, jnp.ones((1, window, 16)), sj.init_state(params, 1), cache)
+    if not dense:
+      return score_elements(fn, *args, d=8)
+    with attention.force_dense_masks():
+      return score_elements(fn, *args, d=8)
+
+  heads = 2
+  n = attention.block_size(WINDOW, WINDOW)
+  assert scores(WINDOW) == heads * WINDOW * (n + WINDOW - 1)
+  assert scores(WINDOW, dense=True) == heads * WINDOW * (2 * WINDOW - 1)
+  assert scores(WINDOW - 1) == heads * (WINDOW - 1) * (2 * WINDOW - 3)
