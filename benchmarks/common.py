@@ -453,7 +453,8 @@ def print_digest(folder: str) -> None:
   from benchmarks import attention, sleep_cost, train_step, wake_latency
   ops_columns = (("B", "B", "d"), ("T", "T", "d"), ("H", "H", "d"), ("Dk", "D", "d"),
                  ("impl", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".3f"),
-                 ("gflops_per_s", "GFLOP/s", ".4g"), ("skipped", "skipped", ""),
+                 ("gflops_per_s", "GFLOP/s", ".4g"), ("max_diff", "max diff", ".2e"),
+                 ("skipped", "skipped", ""),
                  ("error", "error", ""))
   for name in ("ops", "attention", "wake_latency", "sleep_cost", "train_step"):
     paths = sorted(p for p in os.listdir(folder)
@@ -470,7 +471,9 @@ def print_digest(folder: str) -> None:
             row["error"] = row["error"][:60]
         print(format_table(rows, ops_columns))
         for r in data.get("ratios", []):
-          print(f"  scan / chunked {r['shape']} {r['mode']}: {r['scan_over_chunked']:.2f}x")
+          if "scan_over_chunked" in r:  # files written before the ratios were generalised
+            r = dict(r, ratio="scan/chunked", value=r["scan_over_chunked"])
+          print(f"  {r['ratio']} {r['shape']} {r['mode']}: {r['value']:.2f}x")
       elif name == "attention":
         print(format_table(rows, attention.COLUMNS))
         print(format_table(data.get("summary", {}).get("speedups", []),

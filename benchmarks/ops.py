@@ -13,7 +13,9 @@ FLOP counts per token per head (the chunked form, C = chunk size): ``6 Dk Dv + C
 4 Dv)`` for the gated delta rule (docs/delta_rule.md derives it) and ``4 Dk Dv + 2 C (Dk +
 Dv)`` for the Hebbian rule; the per-token scan does ``6 Dk Dv`` (gated delta) or ``4 Dk Dv``
 (Hebbian); ``pallas`` is counted as the chunked form. Forward+backward is counted as three
-forwards.
+forwards. ``max diff`` is each implementation's largest deviation from the scan (or the chunked
+form) on the first input set, relative to the largest output; the ratios at the end compare
+times within one shape and mode.
 
 On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
 ``fla`` (PyTorch + Triton) can be imported.
@@ -120,6 +122,23 @@ def _compile(fn: Callable, args) -> tuple[Callable, float, int | None]:
   return compiled, compile_s, temp_bytes
 
 
+def _differences(fns: dict[str, Callable], args) -> dict[str, dict[str, Any]]:
+  """Each function's largest deviation from a reference implementation on the same inputs
+  (the scan, else the pure-JAX chunked form), relative to the reference's largest magnitude
+  over all outputs: a fast path that is fast but wrong shows here before its time is read."""
+  reference = next((name for name in ("scan", "chunked") if name in fns), None)
+  if reference is None:
+    return {name: {} for name in fns}
+  expected = [np.asarray(x, np.float64) for x in jax.tree.leaves(fns[reference](*args))]
+  magnitude = max(float(np.max(np.abs(x))) for x in expected)
+  out = {}
+  for name, fn in fns.items():
+    got = [np.asarray(x, np.float64) for x in jax.tree.leaves(fn(*args))]
+    worst = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected))
+    out[name] = {"max_diff": worst / magnitude, "diff_reference": reference}
+  return out
+
+
 def _time_interleaved(fns: dict[str, Callable], input_sets: list, runs: int,
                       warmup: int) -> dict[str, list[float]]:
   """Seconds per call of each function. The functions take turns call by call, so that
@@ -221,7 +240,7 @@ def main(argv):
   print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype_name} "
         f"rule={_RULE.value} chunk={_CHUNK.value} jax={jax.__version__}")
   header = (f"{'B':>3} {'T':>6} {'H':>3} {'D':>4} {'impl':>8} {'mode':>7} "
-            f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'temp MiB':>9}")
+            f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'temp MiB':>9} {'max diff':>10}")
   print(header)
   for shape in shapes:
     b, t, h, d = shape
@@ -239,6 +258,7 @@ def main(argv):
             _build(impl, mode, _RULE.value, _CHUNK.value, cotangents), input_sets[0])
         compiled[impl] = (fn, compile_s, temp_bytes)
       runnable = {i: c[0] for i, c in compiled.items() if not isinstance(c, str)}
+      diffs = _differences(runnable, input_sets[0])
       times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
@@ -255,10 +275,11 @@ def main(argv):
                                          min(_CHUNK.value, t)))
         row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
                    runs=len(times[impl]), compile_s=compile_s, flops=flops,
-                   gflops_per_s=flops / median / 1e9, temp_bytes=temp_bytes)
+                   gflops_per_s=flops / median / 1e9, temp_bytes=temp_bytes, **diffs[impl])
         temp = "" if temp_bytes is None else f"{temp_bytes / 2 ** 20:9.1f}"
+        diff = f"{diffs[impl]['max_diff']:10.2e}" if diffs[impl] else ""
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
-              f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9}")
+              f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9} {diff}")
     _write_json(out_path, rows, [])   # partial results survive a later failure
     if accelerator and _RULE.value == "gated_delta":
       fla = _time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
@@ -276,13 +297,17 @@ def main(argv):
     for mode in _MODES.value:
       found = {r["impl"]: r for r in rows if (r["B"], r["T"], r["H"], r["Dk"]) == shape
                and r["mode"] == mode and "median_ms" in r}
-      if "scan" in found and "chunked" in found:
-        ratio = found["scan"]["median_ms"] / found["chunked"]["median_ms"]
-        ratios.append({"shape": "x".join(map(str, shape)), "mode": mode,
-                       "scan_over_chunked": ratio})
-  print("\nscan time / chunked time (>1: chunked faster)")
+      # Time ratios: the scan over each chunked form (its speed-up), each over fla (the goal
+      # is at most 2x), the kernel over the pure-JAX form.
+      for num, den in (("scan", "chunked"), ("scan", "pallas"), ("chunked", "fla"),
+                       ("pallas", "fla"), ("pallas", "chunked")):
+        if num in found and den in found:
+          ratios.append({"shape": "x".join(map(str, shape)), "mode": mode,
+                         "ratio": f"{num}/{den}",
+                         "value": found[num]["median_ms"] / found[den]["median_ms"]})
+  print("\ntime ratios (scan/chunked > 1: chunked faster; chunked/fla: times slower than fla)")
   for r in ratios:
-    print(f"  {r['shape']:>16} {r['mode']:>7} {r['scan_over_chunked']:6.2f}x")
+    print(f"  {r['shape']:>16} {r['mode']:>7} {r['ratio']:>15} {r['value']:6.2f}x")
 
   _write_json(out_path, rows, ratios)
   print(f"wrote {out_path}")
