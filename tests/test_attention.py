@@ -2,6 +2,7 @@
 reference written from the definition, and the model with blocks against the model with one
 masked call."""
 
+import json
 import math
 
 import jax
@@ -221,3 +222,33 @@ def test_model_window_pass_scores_blocks_only_from_this_window_size():
   assert scores(WINDOW) == heads * WINDOW * (n + WINDOW - 1)
   assert scores(WINDOW, dense=True) == heads * WINDOW * (2 * WINDOW - 1)
   assert scores(WINDOW - 1) == heads * (WINDOW - 1) * (2 * WINDOW - 3)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_benchmark_tables_of_blocks_and_model(tmp_path):
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import attention as bench
+  bench.main(["--quick", "--seq_lens=8", "--masks=causal", "--modes=fwd", "--block_windows=8",
+              "--model_windows=8", "--model_d=16", "--model_layout=A", "--heads=2",
+              "--head_dim=8", "--runs=2", "--warmup=1", f"--out_dir={tmp_path}"])
+  with open(tmp_path / "attention_blocks_cpu.json", encoding="utf-8") as f:
+    blocks = json.load(f)
+  paths = {(r["mask"], r["mode"]): r for r in blocks["rows"]}
+  assert set(paths) == {("pass_mask", "fwd"), ("pass_blocks", "fwd"), ("decode_mask", "fwd"),
+                        ("decode_blocks", "fwd"), ("long_local", "fwd"), ("long_blocks", "fwd")}
+  n = attention.block_size(8, 8)
+  assert paths[("pass_blocks", "fwd")]["scores"] == 8 * (n + 7)
+  assert paths[("pass_mask", "fwd")]["scores"] == 8 * 15
+  assert all(r["median_ms"] > 0 for r in blocks["rows"])
+  for s in blocks["summary"]["speedups"]:
+    shape = s["what"].split()[2].rstrip(":")
+    base = "local" if shape == "long" else "mask"
+    assert s["speedup"] == pytest.approx(paths[(f"{shape}_{base}", "fwd")]["median_ms"]
+                                         / paths[(f"{shape}_blocks", "fwd")]["median_ms"])
+  with open(tmp_path / "attention_model_cpu.json", encoding="utf-8") as f:
+    model = json.load(f)
+  assert {(r["mask"], r["mode"]) for r in model["rows"]} == {
+      (p, w) for p in ("blocks", "mask") for w in ("window_pass", "loss_grad")}
+  assert len(model["summary"]["speedups"]) == 2
