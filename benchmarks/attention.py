@@ -7,7 +7,8 @@ Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x 
 * `sliding`: `is_causal=True, local_window_size=(L - 1, 0)`: every query sees itself and the
   L - 1 tokens before it;
 * `sliding_mask`: the same attention pattern as an explicit boolean mask, the way the model's
-  window-cache path in `sleep_jax/layers.py` builds it, to show what the mask costs.
+  window-cache path in `sleep_jax/layers.py` builds it for cuDNN and for windows too small for
+  blocks, to show what the mask costs.
 
 A second table (`attention_blocks_<backend>.json`) times the model's sliding-window shapes with
 one masked call against `sleep_jax.attention.sliding_window_attention` (blocks of queries, each
@@ -71,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--modes", help=f"comma-separated among {MODES} (default both)")
   parser.add_argument("--block_windows",
                       help="L values of the blocked-attention table; 'none' skips it (default "
-                      "--window when given, else GPU 1024,2048,4096, CPU 256,512,1024)")
+                      "--window; on the CPU without --window 256,512,1024)")
   parser.add_argument("--model_windows",
                       help="L values of the model table (default: no model table)")
   parser.add_argument("--model_d", type=int, default=256,
@@ -97,8 +98,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   if args.block_windows == "none":
     args.block_windows = ()
   else:
-    default = ((args.window,) if window_given else
-               (256, 512, 1024) if small else (1024, 2048, 4096))
+    default = (args.window,) if window_given or not small else (256, 512, 1024)
     args.block_windows = common.int_list("--block_windows", args.block_windows, default)
   args.model_windows = common.int_list("--model_windows", args.model_windows, ())
   args.model_d = common.check_int("--model_d", args.model_d, 1)
@@ -311,6 +311,10 @@ def blocked_table(args) -> common.Results:
                          "T": t, "slots": c, "first_slot": first, "B": b, "H": h, "D": d,
                          "dtype": args.dtype, "block": n if path == "blocks" else None,
                          "scores": t * (n + window - 1) if path == "blocks" else t * c}
+            score_gib = b * h * rows[key]["scores"] * 4 * (3 if mode == "fwdbwd" else 1) / 2**30
+            if impl == "xla" and score_gib > args.xla_max_gib:
+              rows[key]["note"] = f"skipped: {score_gib:.0f} GiB of scores > --xla_max_gib"
+              continue
             used = sets[0] if mode == "fwdbwd" else sets[0][:4]
             jobs[key] = (build_block_row(impl, path, mode, window), used)
       compiled = common.compile_many(jobs, args.compile_threads)
@@ -325,9 +329,14 @@ def blocked_table(args) -> common.Results:
         used = slice(None) if key[2] == "fwdbwd" else slice(0, 4)
         return lambda carry, i: fn(*sets[i][used])
 
-      timings = common.time_interleaved([(step(k, f), None) for k, f in runnable.items()],
-                                        list(range(len(sets))), runs=args.runs,
-                                        warmup=args.warmup) if runnable else []
+      try:
+        timings = common.time_interleaved([(step(k, f), None) for k, f in runnable.items()],
+                                          list(range(len(sets))), runs=args.runs,
+                                          warmup=args.warmup) if runnable else []
+      except Exception as err:  # pylint: disable=broad-except
+        for key in runnable:  # e.g. out of memory: keep the rows, say why they have no time
+          rows[key]["note"] = "failed: " + common.describe_error(err, 160)
+        runnable, timings = {}, []
       for (key, fn), timing in zip(runnable.items(), timings):
         rows[key].update(timing.summary("ms"), compile_s=fn.compile_s, temp_bytes=fn.temp_bytes)
       for row in rows.values():
@@ -376,9 +385,6 @@ def speedups(rows: list[dict]) -> list[dict]:
   return out
 
 
-if __name__ == "__main__":
-  main(sys.argv[1:])
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -413,7 +419,7 @@ def model_table(args) -> common.Results:
     # other; compiled executables stay valid.
     for path in ("blocks", "mask"):
       jax.clear_caches()
-      with (attention_lib.force_dense_masks() if path == "mask" else _no_context()):
+      with (attention_lib.force_dense_masks() if path == "mask" else contextlib.nullcontext()):
         jobs = {(path, what): (fn, fn_args) for what, (fn, fn_args) in
                 _model_jobs(params, state0, cache, batch_sets, window).items()}
         compiled.update(common.compile_all(jobs, args.compile_threads))
@@ -458,6 +464,5 @@ def _model_jobs(params, state, cache, batch_sets, window):
           "loss_grad": (loss_grad, (params, batch_sets[0]))}
 
 
-@contextlib.contextmanager
-def _no_context():
-  yield
+if __name__ == "__main__":
+  main(sys.argv[1:])
