@@ -27,14 +27,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # Below this window the extra calls cost more than the masked scores they save: measured on a
-# 2-core CPU (t = L queries, 2L - 1 slots, 4 heads of 64, forward and forward+backward), blocks
-# were 0.3-0.8x the speed of one masked call at L = 8..64, 1.05-1.1x at L = 128 and 1.1-1.6x at
-# L = 256 (docs/performance.md).
+# 2-core CPU (t = L queries, 2L - 1 slots, 2-4 heads of 16-64, forward and forward+backward),
+# blocks were 0.3-0.8x the speed of one masked call at L = 8..64, 1.05-1.1x at L = 128 and
+# 1.1-1.6x at L = 256 (docs/performance.md).
 MIN_BLOCKED_WINDOW = 128
 
-# Up to this many blocks the loop over blocks is unrolled (the fastest form measured, forward and
-# backward, against `lax.map` and a gather of all key slices at once); beyond it (long sequences
-# without a cache) full blocks run under `lax.map`, so compile time stays bounded.
+# Up to this many blocks the loop over blocks is unrolled (the fastest form measured for forward
+# plus backward, against `lax.map` and a gather of all key slices at once); beyond it (long
+# sequences without a cache) full blocks run under `lax.map`, so compile time stays bounded.
 MAX_UNROLLED_BLOCKS = 8
 
 
@@ -65,12 +65,12 @@ def blocks_pay(window: int) -> bool:
 def block_size(t: int, window: int) -> int:
   """Queries per block for t queries under a window of L.
 
-  Each block of n queries scores n + L - 1 keys, so the scores per query are (1 + (L - 1) / n):
-  smaller blocks waste less, but every block is one more call. L / 4 (rounded, at least 1) keeps
-  the waste at a quarter of L while t = L needs only 4 blocks; it measured as fast as or faster
-  than L / 2 and L / 8 on the CPU. A divisor of t within a factor 2 of that is preferred, so that
-  every block has the same shape (no short last block); fewer than L / 4 queries (a decode step,
-  a short chunk) form one block.
+  Each query of a block of n scores n + L - 1 keys to use at most L: the waste is n - 1 keys per
+  query, so smaller blocks waste less, but every block is one more call. L / 4 (rounded, at
+  least 1) keeps the waste at a quarter of L while t = L needs only 4 blocks; on the CPU
+  (forward+backward, L = 512 and 1024) L / 2 was 1.7x slower and L / 8 within 8% either way.
+  A divisor of t within a factor 2 of that is preferred, so that every block has the same shape
+  (no short last block); fewer than L / 4 queries (a decode step, a short chunk) form one block.
   """
   _check_int("t", t)
   _check_int("window", window)
