@@ -183,3 +183,198 @@ def test_model_loss_and_gradients_equal_the_chunked_op():
   np.testing.assert_allclose(l_kernel, l_pure, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_kernel.weights), jax.tree.leaves(g_pure.weights)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))) + 1e-9)
+
+
+# ----------------------------------------------------------------------------- triangular solve
+
+SOLVES = {"gpu": gated_delta_pallas._call_solve_gpu, "tpu": gated_delta_pallas._call_solve_tpu}
+
+
+def _delta_rule_matrices(rng, g, c, dk, aligned=False):
+  """Strictly lower A[c, s] = beta_c exp(sum_{s<i<=c} log_alpha_i) (k_c . k_s), float64, as
+  the chunked delta rule builds it: unit keys, beta in (0.02, 0.98) and decays with exact
+  zeros and -30; or (``aligned``) keys around one shared direction, beta in (0.9, 0.98) and
+  no decay, which makes I + A ill-conditioned."""
+  if aligned:
+    keys = rng.standard_normal((g, 1, dk)) + 0.3 * rng.standard_normal((g, c, dk))
+    beta = rng.uniform(0.9, 0.98, (g, c))
+    log_alpha = np.zeros((g, c))
+  else:
+    keys = rng.standard_normal((g, c, dk))
+    beta = rng.uniform(0.02, 0.98, (g, c))
+    log_alpha = rng.uniform(-2.0, 0.0, (g, c))
+    special = rng.uniform(size=(g, c))
+    log_alpha[special < 0.15] = 0.0
+    log_alpha[special > 0.9] = -30.0
+  keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+  csum = np.cumsum(log_alpha, axis=-1)
+  decay = np.exp(np.minimum(csum[:, :, None] - csum[:, None, :], 0.0))
+  return np.tril(beta[:, :, None] * decay * (keys @ np.swapaxes(keys, 1, 2)), -1)
+
+
+def _solve_problems(seed, c=64, widths=(32, 16)):
+  """Two matrices of each kind: random (normal entries / sqrt(c)), the delta rule's, and
+  its ill-conditioned case. Diagonals and upper triangles hold junk the solve must ignore."""
+  rng = np.random.default_rng(seed)
+  lower = np.concatenate([np.tril(rng.standard_normal((2, c, c)) / np.sqrt(c), -1),
+                          _delta_rule_matrices(rng, 2, c, 16),
+                          _delta_rule_matrices(rng, 2, c, 16, aligned=True)])
+  junk = np.triu(rng.standard_normal(lower.shape) * 5.0)
+  rhs = [rng.standard_normal((lower.shape[0], c, r)) for r in widths]
+  return lower, lower + junk, rhs
+
+
+def _assert_solved(x, matrices, rhs):
+  """x == matrices^{-1} rhs to 2e-6 of the largest |entry| per matrix (a few float32 ulps)."""
+  expected = np.linalg.solve(matrices, rhs)
+  error = np.max(np.abs(np.asarray(x, np.float64) - expected), axis=(1, 2))
+  bound = 2e-6 * np.max(np.abs(expected), axis=(1, 2))
+  assert np.all(error <= bound), (error, bound)
+
+
+@pytest.mark.parametrize("call", sorted(SOLVES))
+def test_both_solve_kernels_match_float64_solve(call):
+  """(I + A)^{-1} rhs and (I + A)^{-T} rhs by the Triton-shaped and the Mosaic-shaped kernel
+  (interpreter) against LAPACK in float64, two right-hand sides at once. The ill-conditioned
+  matrices need true substitution: the nilpotent-product inverse is ~1e-4 off there."""
+  lower, a, rhs = _solve_problems(8)
+  kernel = SOLVES[call]
+
+  @jax.jit
+  def both(a, *rhs):
+    return (kernel(a, *rhs, transpose=False, interpret=True),
+            kernel(a, *rhs, transpose=True, interpret=True))
+
+  forward, transposed = both(jnp.asarray(a, jnp.float32),
+                             *(jnp.asarray(r, jnp.float32) for r in rhs))
+  unit = np.eye(a.shape[-1]) + lower
+  for x, r in zip(forward, rhs):
+    _assert_solved(x, unit, r)
+  for x, r in zip(transposed, rhs):
+    _assert_solved(x, np.swapaxes(unit, 1, 2), r)
+
+
+def test_solve_gradients_match_autodiff_and_float64():
+  """jax.grad through the kernel's custom VJP (transposed solve in the kernel, then
+  dA = -tril(d rhs X^T, -1)) against jax.grad of unit_lower_inverse(a) @ rhs on the
+  well-conditioned matrices, and against float64 NumPy on all (the explicit inverse is itself
+  ~1e-4 off on the ill-conditioned ones). The junk in the diagonal and upper triangle gets zero
+  gradient."""
+  from sleep_jax.ops.gated_delta_chunked import unit_lower_inverse
+
+  lower, a, rhs = _solve_problems(9, c=32)
+  rng = np.random.default_rng(10)
+  cotangents = [rng.standard_normal(r.shape) for r in rhs]
+
+  def kernel(a, v, k):
+    x = gated_delta_pallas.solve_unit_lower(a, (v, k))
+    return sum(jnp.sum(xi * ci) for xi, ci in zip(x, cotangents))
+
+  def explicit(a, v, k):
+    inverse = unit_lower_inverse(a)
+    return sum(jnp.sum(jnp.matmul(inverse, r, precision="highest") * ci)
+               for r, ci in zip((v, k), cotangents))
+
+  args = [jnp.asarray(x, jnp.float32) for x in [a] + rhs]
+  grads = [[np.asarray(g, np.float64) for g in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args)]
+           for f in (kernel, explicit)]
+  # float64: d rhs = (I + A)^{-T} g, dA = -tril(sum over right-hand sides of d rhs X^T, -1).
+  unit = np.eye(a.shape[-1]) + lower
+  d_rhs = [np.linalg.solve(np.swapaxes(unit, 1, 2), c) for c in cotangents]
+  d_a = -np.tril(sum(d @ np.swapaxes(np.linalg.solve(unit, r), 1, 2)
+                     for d, r in zip(d_rhs, rhs)), -1)
+  well_conditioned = slice(0, 4)
+  for g_kernel, g_pure, g_exact in zip(*grads, [d_a] + d_rhs):
+    for expected, index in ((g_exact, slice(None)), (g_pure, well_conditioned)):
+      error = np.max(np.abs(g_kernel[index] - expected[index]), axis=(1, 2))
+      assert np.all(error <= 1e-6 * np.max(np.abs(g_exact[index]), axis=(1, 2))), error
+  assert not np.any(np.triu(grads[0][0]))
+
+
+@pytest.mark.parametrize("aligned_keys", [False, True])
+def test_pallas_op_with_multi_block_chunks_matches_float64_reference(aligned_keys):
+  """chunk_size 64: the solve runs four 16-row blocks per chunk inside the whole op. With keys
+  around one direction, beta near 1 and no decay the chunks' systems are ill-conditioned; the
+  substitution keeps float32 accuracy there (the explicit inverse of impl='chunked' is ~2e-4
+  off)."""
+  q, k, v, beta, log_alpha, state = make_inputs(11, t=100, dk=16, dv=32)
+  if aligned_keys:
+    rng = np.random.default_rng(13)
+    keys = rng.standard_normal((2, 1, 3, 16)) + 0.3 * rng.standard_normal((2, 100, 3, 16))
+    k = jnp.asarray(keys / np.linalg.norm(keys, axis=-1, keepdims=True), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.9, 0.98, beta.shape), jnp.float32)
+    log_alpha = jnp.zeros_like(log_alpha)
+  inputs = (q, k, v, beta, log_alpha, state)
+  o, final_state = run(inputs, scale=0.8, impl="pallas", rule="gated_delta", chunk_size=64)
+  o_ref, s_ref = reference(*inputs, 0.8, "gated_delta")
+  assert_close(o, o_ref, 1e-5)
+  assert_close(final_state, s_ref, 1e-5)
+
+
+def test_solve_rejects_bad_shapes():
+  a = jnp.zeros((2, 16, 16))
+  with pytest.raises(ValueError, match=r"a must have shape \[g, c, c\]"):
+    gated_delta_pallas.solve_unit_lower(jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 16)))
+  with pytest.raises(ValueError, match=r"c must be a power of two >= 16, got 24"):
+    gated_delta_pallas.solve_unit_lower(jnp.zeros((2, 24, 24)), jnp.zeros((2, 24, 16)))
+  with pytest.raises(ValueError, match=r"rhs must have shape \[g=2, c=16, r\].*got \(2, 16, 48\)"):
+    gated_delta_pallas.solve_unit_lower(a, (jnp.zeros((2, 16, 16)), jnp.zeros((2, 16, 48))))
+
+
+def _op_operands(b=1, t=128, h=2, d=128):
+  rng = np.random.default_rng(12)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16) for _ in range(3))
+  beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, h)), jnp.float32)
+  log_alpha = jnp.asarray(rng.uniform(-1.0, 0.0, (b, t, h)), jnp.float32)
+  return q, k, v, beta, log_alpha, jnp.zeros((b, h, d, d), jnp.float32)
+
+
+def _pallas_op(chunk_size):
+  def loss(q, k, v, beta, log_alpha, state):
+    o, s = ops.gated_delta_rule(q, k, v, beta, log_alpha, initial_state=state, impl="pallas",
+                                chunk_size=chunk_size)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+  return loss
+
+
+def test_cuda_lowering_of_the_op_emits_two_triton_kernels():
+  """The delta rule with impl='pallas' at the benchmark's block sizes (chunk 64, Dk = Dv = 128,
+  bf16) lowers to two Triton kernels: the triangular solve and the chunk recurrence. With its
+  gradient, a third: the transposed solve of the backward pass."""
+  disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  args = _op_operands()
+  loss = _pallas_op(64)
+  forward = export.export(jax.jit(loss), platforms=["cuda"], disabled_checks=disabled)(*args)
+  text = forward.mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+  assert "unit_lower_solve" in text and "gated_delta_chunks" in text
+  with_grad = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))),
+                            platforms=["cuda"], disabled_checks=disabled)(*args)
+  assert with_grad.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_mosaic_solve_compiles_for_tpu_v5e():
+  """The solve kernel and its transposed form (via the gradient) at chunk 64 and 128, and the
+  whole op at chunk 128, compile for a v5e."""
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def abstract(*xs):
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in xs]
+
+  for c in (64, 128):
+    a, v, k = (jax.ShapeDtypeStruct((16, c, width), jnp.float32) for width in (c, 128, 128))
+    fn = jax.jit(jax.value_and_grad(
+        lambda a, v, k: sum(jnp.sum(x) for x in gated_delta_pallas.solve_unit_lower(a, (v, k))),
+        argnums=(0, 1, 2)))
+    compiled = fn.trace(*abstract(a, v, k)).lower(lowering_platforms=("tpu",)).compile()
+    assert "unit_lower_solve" in compiled.as_text()
+  fn = jax.jit(_pallas_op(128))
+  compiled = fn.trace(*abstract(*_op_operands(t=256))).lower(
+      lowering_platforms=("tpu",)).compile()
+  text = compiled.as_text()
+  assert "unit_lower_solve" in text and "gated_delta_chunks" in text

@@ -175,9 +175,10 @@ def chunked_delta_rule(
     chunk_size: chunk length; without ``kernel``, sequences shorter than it use their own
       length.
     rule: ``"gated_delta"`` or ``"hebbian"``.
-    kernel: run the inter-chunk recurrence and the outputs in the Pallas kernel of
-      ``gated_delta_pallas`` (chunk_size, Dk and Dv powers of two >= 16; a short sequence is
-      padded to one whole chunk) instead of a ``lax.scan`` and batched products.
+    kernel: solve the triangular systems, and run the inter-chunk recurrence and the
+      outputs, in the Pallas kernels of ``gated_delta_pallas`` (chunk_size, Dk and Dv powers
+      of two >= 16; a short sequence is padded to one whole chunk) instead of an explicit
+      inverse, a ``lax.scan`` and batched products.
 
   Returns:
     ``(o [b t h v] float32, final_state [b h k v] float32)``.
@@ -212,14 +213,22 @@ def chunked_delta_rule(
     strictly_lower = idx[:, None] > idx[None, :]
     gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
     a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+    if kernel:
+      # One Pallas kernel solves for both right-hand sides by blocked forward substitution:
+      # no explicit inverse, no chain of small batched products through memory.
+      def flat(x):
+        return x.reshape((-1,) + x.shape[-2:])
+      u0, w = gated_delta_pallas.solve_unit_lower(
+          flat(a), (flat(beta[..., None] * v.astype(jnp.float32)),
+                    flat((beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32))))
+      u0, w = u0.reshape(a.shape[:-1] + (dv,)), w.reshape(k.shape)
+      return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
+                             dtype, seq_len, correct=True)
     rhs = jnp.concatenate(
         [beta[..., None] * v.astype(jnp.float32),
          (beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32)], axis=-1)
     solved = _matmul_f32(unit_lower_inverse(a), rhs)
     u0, w = solved[..., :dv], solved[..., dv:]
-    if kernel:
-      return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
-                             dtype, seq_len, correct=True)
 
     def chunk_step(state, xs):
       u0_n, w_n, k_end_n, decay_n = xs

@@ -1,4 +1,5 @@
-"""Pallas kernel for the inter-chunk part of the chunked delta rule, fused with the outputs.
+"""Pallas kernels of the chunked delta rule: the inter-chunk recurrence fused with the outputs,
+and the per-chunk unit-lower-triangular solve.
 
 The pure-JAX chunked form (``gated_delta_chunked.py``) carries the ``[Dk, Dv]`` state through a
 ``lax.scan`` over chunks: on a GPU every chunk is a handful of tiny kernel launches, and the
@@ -12,8 +13,13 @@ batched products afterwards. This kernel keeps the state on chip instead. One pr
                                               the readout scale)
     S_n+1 = a_n S_n + kend_n^T u_n           (a_n: decay over the whole chunk)
 
-so neither the per-chunk states nor ``u`` ever reach memory. Everything before (decays, the
-triangular solve, scores) stays in XLA, batched over all chunks.
+so neither the per-chunk states nor ``u`` ever reach memory. The decays and scores before it stay
+in XLA, batched over all chunks.
+
+The triangular solve (``solve_unit_lower``) gives ``u0`` and ``w`` of every chunk,
+``(I + A)^{-1} [beta v, beta exp(from_start) k]``, in one kernel with one program per matrix
+(per group of matrices on TPU): blocked forward substitution over 16-row blocks, the diagonal
+blocks row by row, all in float32; no explicit inverse is formed.
 
 Backends. GPU: Triton (``jax.experimental.pallas.triton``), the chunk loop inside the kernel,
 grid ``(B*H, Dv / bv)``. TPU: Mosaic, the chunks as the last ("arbitrary") grid axis with the state
@@ -26,16 +32,20 @@ float32 inputs, at HIGHEST precision; bf16/f16 inputs give bf16/f16 operands, fl
 accumulation): with bf16 inputs the state is rounded to bf16 as an operand of ``w S`` and
 ``qg S``, where the pure-JAX scan keeps it in float32. Tests bound the difference.
 
-Gradients. The kernel has no backward of its own: ``fused_recurrence`` is a ``jax.custom_vjp``
-whose backward pass differentiates the pure-JAX reference of the same function (a ``lax.scan``,
-recomputing the forward), so gradients equal the chunked form's.
+Gradients. The recurrence kernel has no backward of its own: ``fused_recurrence`` is a
+``jax.custom_vjp`` whose backward pass differentiates the pure-JAX reference of the same function
+(a ``lax.scan``, recomputing the forward), so gradients equal the chunked form's. The solve's
+backward is the transposed solve, by the same kernel walking the blocks upwards.
 
-Shape legend: ``g`` = B*H rows, ``n`` chunks, ``c`` tokens per chunk, ``k`` Dk, ``v`` Dv.
+Shape legend: ``g`` = B*H rows (matrices, for the solve), ``n`` chunks, ``c`` tokens per chunk,
+``k`` Dk, ``v`` Dv, ``r`` columns of a right-hand side.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +252,190 @@ def _fused_bwd(correct, residuals, cotangents):
 
 
 fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ----------------------------------------------------------------------------- triangular solve
+
+# Rows per block of the blocked forward substitution: the smallest extent of a Triton product.
+_SOLVE_BLOCK = 16
+# Matrices one TPU program solves in turn (fewer grid steps; each step has a fixed cost).
+_TPU_SOLVE_GROUP = 8
+
+
+def _solve_diagonal_block(diag, x, *, transpose):
+  """``(I + L)^{-1} x`` (or ``(I + L)^{-T} x``) for the strictly lower part ``L`` of a
+  ``[blk blk]`` block, by plain substitution, one column (transposed: one row) at a time.
+
+  Register tensors are never sliced (Triton cannot): a column of ``L`` and a row of ``x`` are
+  picked out by masked reductions over a broadcast iota.
+  """
+  blk, width = x.shape
+  rows = jax.lax.broadcasted_iota(jnp.int32, (blk, blk), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (blk, blk), 1)
+  lower = jnp.where(rows > cols, diag, 0.0)
+  x_rows = jax.lax.broadcasted_iota(jnp.int32, (blk, width), 0)
+
+  def column(s):                                    # L[:, s] as [blk, 1]
+    return jnp.sum(jnp.where(cols == s, lower, 0.0), axis=1, keepdims=True)
+
+  if transpose:
+    # Row t of (I + L^T) x = r reads x_t = r_t - sum_{s > t} L[s, t] x_s: from the bottom up.
+    for t in range(blk - 2, -1, -1):
+      correction = jnp.sum(column(t) * x, axis=0, keepdims=True)   # L[s > t, t] only
+      x = x - jnp.where(x_rows == t, correction, 0.0)
+  else:
+    # Column s: once x_s is final, subtract its part L[:, s] x_s from the rows below.
+    for s in range(blk - 1):
+      x_s = jnp.sum(jnp.where(x_rows == s, x, 0.0), axis=0, keepdims=True)
+      x = x - column(s) * x_s                       # L[r > s, s] only
+  return x
+
+
+def _solve_matrix(a_ref, rhs_refs, out_refs, *, transpose):
+  """Solves one unit-lower-triangular system for several right-hand sides, block row by row.
+
+  ``a_ref``: ``[c c]`` (its strictly lower triangle is ``A``), ``rhs_refs`` / ``out_refs``:
+  ``[c r_i]``. Writes ``(I + A)^{-1} rhs`` (or ``(I + A)^{-T} rhs`` with ``transpose``).
+  Blocked forward substitution over 16-row blocks: block row ``i`` first subtracts
+  ``A_ij x_j`` for the solved blocks (matrix products in true float32), then solves with its
+  diagonal block row by row. Blocks of ``A`` and ``rhs`` are static slices of refs, i.e.
+  loads from memory; the solved blocks stay in registers.
+  """
+  size = a_ref.shape[-1]
+  blk = min(_SOLVE_BLOCK, size)
+  num_blocks = size // blk
+
+  def block(i, j):
+    return a_ref[i * blk:(i + 1) * blk, j * blk:(j + 1) * blk]
+
+  # The transposed system is upper triangular: it is solved from the last block row up, and
+  # its block (i, j) is A_ji^T.
+  order = list(range(num_blocks - 1, -1, -1) if transpose else range(num_blocks))
+  solved = [{} for _ in rhs_refs]
+  for step, i in enumerate(order):
+    diag = block(i, i)
+    for part, (rhs_ref, out_ref) in enumerate(zip(rhs_refs, out_refs)):
+      x = rhs_ref[i * blk:(i + 1) * blk, :]
+      for j in order[:step]:
+        x = x - _dot(block(j, i) if transpose else block(i, j), solved[part][j], jnp.float32,
+                     contract_first=transpose)
+      x = _solve_diagonal_block(diag, x, transpose=transpose)
+      out_ref[i * blk:(i + 1) * blk, :] = x
+      solved[part][i] = x
+
+
+def _solve_gpu_kernel(a_ref, *refs, transpose):
+  half = len(refs) // 2
+  _solve_matrix(a_ref, refs[:half], refs[half:], transpose=transpose)
+
+
+def _solve_tpu_kernel(a_ref, *refs, transpose):
+  half = len(refs) // 2
+  rhs_refs, out_refs = refs[:half], refs[half:]
+
+  def body(m, carry):
+    _solve_matrix(a_ref.at[m], [r.at[m] for r in rhs_refs], [o.at[m] for o in out_refs],
+                  transpose=transpose)
+    return carry
+
+  jax.lax.fori_loop(0, a_ref.shape[0], body, 0)
+
+
+def _call_solve_gpu(a, *rhs, transpose, interpret=False):
+  """Triton kernel, one program per matrix."""
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+
+  g, c, _ = a.shape
+  matrix = lambda width: pl.BlockSpec((None, c, width), lambda i: (i, 0, 0))  # noqa: E731
+  specs = [matrix(x.shape[-1]) for x in rhs]
+  return pl.pallas_call(
+      functools.partial(_solve_gpu_kernel, transpose=transpose),
+      out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in rhs],
+      grid=(g,),
+      in_specs=[matrix(c)] + specs,
+      out_specs=specs,
+      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="unit_lower_solve",
+  )(a, *rhs)
+
+
+def _call_solve_tpu(a, *rhs, transpose, interpret=False):
+  """Mosaic kernel, a group of matrices per program (full-extent trailing block dims)."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
+  g, c, _ = a.shape
+  group = math.gcd(g, _TPU_SOLVE_GROUP)
+  matrix = lambda width: pl.BlockSpec((group, c, width), lambda i: (i, 0, 0))  # noqa: E731
+  specs = [matrix(x.shape[-1]) for x in rhs]
+  return pl.pallas_call(
+      functools.partial(_solve_tpu_kernel, transpose=transpose),
+      out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in rhs],
+      grid=(g // group,),
+      in_specs=[matrix(c)] + specs,
+      out_specs=specs,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=interpret,
+      name="unit_lower_solve",
+  )(a, *rhs)
+
+
+def _solve(a, rhs, transpose):
+  return tuple(jax.lax.platform_dependent(
+      a, *rhs,
+      cuda=functools.partial(_call_solve_gpu, transpose=transpose),
+      tpu=functools.partial(_call_solve_tpu, transpose=transpose),
+      default=functools.partial(_call_solve_gpu, transpose=transpose, interpret=True)))
+
+
+@jax.custom_vjp
+def _solve_parts(a, rhs):
+  return _solve(a, rhs, transpose=False)
+
+
+def _solve_parts_fwd(a, rhs):
+  solved = _solve(a, rhs, transpose=False)
+  return solved, (a, solved)
+
+
+def _solve_parts_bwd(residuals, cotangents):
+  # X = (I + A)^{-1} rhs  =>  d rhs = (I + A)^{-T} dX,  dA = -tril(d rhs X^T, -1): the
+  # transposed solve is the same kernel walking the block rows upwards.
+  a, solved = residuals
+  d_rhs = _solve(a, tuple(cotangents), transpose=True)
+  outer = sum(jnp.einsum("gcr,gsr->gcs", d, x, precision=_HIGHEST)
+              for d, x in zip(d_rhs, solved))
+  return -jnp.tril(outer, -1), d_rhs
+
+
+_solve_parts.defvjp(_solve_parts_fwd, _solve_parts_bwd)
+
+
+def solve_unit_lower(a: jax.Array, rhs: jax.Array | Sequence[jax.Array]):
+  """``(I + tril(a, -1))^{-1} rhs`` in float32, by one Pallas kernel (per platform, as above).
+
+  Args:
+    a: ``[g c c]`` float32; its diagonal and upper triangle are ignored. ``c`` a power of two
+      >= 16.
+    rhs: ``[g c r]`` float32, or a sequence of such arrays (widths may differ; each ``r`` a
+      power of two >= 16), all solved with the same matrices in one kernel.
+
+  Returns:
+    The solutions, float32, with ``rhs``'s structure (an array or a tuple of arrays).
+    Differentiable (reverse mode): the backward pass runs the transposed solve in the same
+    kernel.
+  """
+  single = not isinstance(rhs, (tuple, list))
+  parts = (rhs,) if single else tuple(rhs)
+  if a.ndim != 3 or a.shape[1] != a.shape[2]:
+    raise ValueError(f"a must have shape [g, c, c], got {a.shape}")
+  g, c = a.shape[:2]
+  if c < 16 or c & (c - 1):
+    raise ValueError(f"a's size c must be a power of two >= 16, got {c}")
+  for x in parts:
+    r = x.shape[-1] if x.ndim == 3 else 0
+    if x.shape[:2] != (g, c) or r < 16 or r & (r - 1):
+      raise ValueError(f"rhs must have shape [g={g}, c={c}, r] with r a power of two >= 16, "
+                       f"got {x.shape}")
+  solved = _solve_parts(a.astype(jnp.float32), tuple(x.astype(jnp.float32) for x in parts))
+  return solved[0] if single else solved
