@@ -153,12 +153,36 @@ def sliding_window_mask(q_slots: Array, k_slots: Array, window: int) -> Array:
   return (k_slots <= q_slots) & (k_slots > q_slots - window)
 
 
+def masked_attention(q: Array, k: Array, v: Array, mask: Array, *,
+                     implementation: Optional[str] = None,
+                     even_lengths: Optional[bool] = None) -> Array:
+  """`jax.nn.dot_product_attention` with a [t c] boolean mask, padded for cuDNN where needed.
+
+  cuDNN takes a mask as an additive bias, and differentiating attention with a bias needs an even
+  number of queries and of keys (JAX refuses odd ones with "Unsupported sequence length"): a
+  sliding cache has 2L - 1 slots, and windows such as L = 75 are odd. With `even_lengths` (the
+  default for `implementation="cudnn"`) an odd key axis gets one slot that no query sees, and an
+  odd query axis one query whose output is dropped; the result is unchanged.
+  """
+  if even_lengths is None:
+    even_lengths = implementation == "cudnn"
+  t, c = q.shape[1], k.shape[1]
+  pad_t, pad_c = (t % 2, c % 2) if even_lengths else (0, 0)
+  if pad_c:
+    k, v = (jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)]) for x in (k, v))
+  if pad_t:
+    q = jnp.pad(q, [(0, 0), (0, 1), (0, 0), (0, 0)])
+  mask = jnp.pad(mask, [(0, pad_t), (0, pad_c)])   # padded rows and columns see nothing
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None],
+                                     implementation=implementation)
+  return out[:, :t]
+
+
 def _attend(q, k, v, q_start, k_start, window, implementation):
   """One masked call: queries at q_start + arange(t), keys at k_start + arange(c)."""
   mask = sliding_window_mask(q_start + jnp.arange(q.shape[1]), k_start + jnp.arange(k.shape[1]),
                              window)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None],
-                                      implementation=implementation)
+  return masked_attention(q, k, v, mask, implementation=implementation)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:

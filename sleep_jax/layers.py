@@ -139,9 +139,8 @@ class Attention(nn.Module):
           visible = attention.sliding_window_mask(q_pos, k_pos, cfg.window)
         else:
           visible = k_pos[None, :] <= q_pos[:, None]
-        out = jax.nn.dot_product_attention(q, ck.astype(dt), cv.astype(dt),
-                                           mask=visible[None, None],
-                                           implementation=cfg.attention_impl)
+        out = attention.masked_attention(q, ck.astype(dt), cv.astype(dt), visible,
+                                         implementation=cfg.attention_impl)
       new_cache = {"k": ck, "v": cv}
     y = _dense(cfg.d_model, dt, "o")(out.reshape(b, t, h * d))
     return y, new_cache
