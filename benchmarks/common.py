@@ -34,6 +34,8 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 import jax
 import numpy as np
 
+from sleep_jax import attention
+
 RESULTS_DIR = os.path.join("benchmarks", "results")
 
 # ----------------------------------------------------------------------------- devices
@@ -348,11 +350,14 @@ def window_pairs(config, window_index: int, *, computed: bool = False) -> int:
 
   `computed=False` counts the pairs a query may see (causal; the model FLOPs of MFU).
   `computed=True` counts what the XLA implementation multiplies: the full L x L square under hard
-  eviction, L x (2L - 1) cache slots under sliding eviction.
+  eviction; under sliding eviction L x (2L - 1) cache slots, or L x (n + L - 1) where the model
+  attends by blocks of n queries (`sleep_jax.attention`, XLA path, L >= 128).
   """
   L = config.window
   if config.eviction == "sliding":
     if computed:
+      if config.attention_impl != "cudnn" and attention.blocks_pay(L):
+        return L * (attention.block_size(L, L) + L - 1)
       return L * (2 * L - 1)
     return attention_pairs(L, prefix=0 if window_index == 0 else L - 1, window=L)
   return L * L if computed else attention_pairs(L)

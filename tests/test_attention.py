@@ -241,6 +241,12 @@ def test_model_window_pass_scores_blocks_only_from_this_window_size():
   assert scores(WINDOW) == heads * WINDOW * (n + WINDOW - 1)
   assert scores(WINDOW, dense=True) == heads * WINDOW * (2 * WINDOW - 1)
   assert scores(WINDOW - 1) == heads * (WINDOW - 1) * (2 * WINDOW - 3)
+  # The benchmarks' count of computed pairs (FLOPs the hardware does) follows the same path.
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  for window in (WINDOW, WINDOW - 1):
+    cfg = sj.ModelConfig(vocab_size=11, d_model=16, num_heads=2, layout="a", window=window,
+                         eviction="sliding")
+    assert heads * common.window_pairs(cfg, 1, computed=True) == scores(window)
 
 
 # ----------------------------------------------------------------------------- the benchmark
