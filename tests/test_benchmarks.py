@@ -270,7 +270,7 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
   assert f"--out={tmp_path}/ops_gpu_fwdbwd.json" in lines[1]
   assert all(f"--out_dir={tmp_path}" in l for l in lines[2:])
   caps = [int(l.split("timeout ")[1].split("s:")[0]) for l in lines[:-1]]
-  assert sum(caps) + 110 <= 430   # at least 110 s are always left for train_step
+  assert sum(caps) + 110 <= 440   # at least 110 s are always left for train_step
   # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
   code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
           "benchmarks.train_step; print(sorted(m for m in sys.modules if m.split('.')[0] in "
