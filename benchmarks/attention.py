@@ -120,8 +120,9 @@ def attention_fn(impl: str, mask: str, window: int):
       return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                           local_window_size=(window - 1, 0), implementation=impl)
     pos = jnp.arange(q.shape[1])
-    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-    return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation=impl)
+    visible = attention_lib.sliding_window_mask(pos, pos, window)
+    # As the model calls it (cuDNN: odd lengths padded to even).
+    return attention_lib.masked_attention(q, k, v, visible, implementation=impl)
 
   return attend
 
@@ -268,7 +269,7 @@ def block_fn(impl: str, path: str, window: int):
                                           local_window_size=(window - 1, 0), implementation=impl)
     visible = attention_lib.sliding_window_mask(q_start + jnp.arange(q.shape[1]),
                                                 jnp.arange(k.shape[1]), window)
-    return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation=impl)
+    return attention_lib.masked_attention(q, k, v, visible, implementation=impl)
 
   return attend
 
