@@ -127,14 +127,18 @@ def test_even_padding_for_cudnn_changes_nothing(t, c):
   start = c - t
   mask = attention.sliding_window_mask(start + jnp.arange(t), jnp.arange(c), L)
 
-  def call(even):
-    return lambda q, k, v: attention.masked_attention(q, k, v, mask, implementation="xla",
-                                                      even_lengths=even)
-
-  assert_close(call(True)(q, k, v), reference(q, k, v, start, L), 1e-5)
   cotangent = jnp.asarray(np.random.default_rng(12).standard_normal((2, t, 3, 8)), jnp.float32)
-  grads = [jax.grad(lambda *a, f=call(even): jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(
-      q, k, v) for even in (True, False)]
+
+  @jax.jit
+  def value_and_grads(q, k, v):
+    def call(even):
+      return lambda *a: jnp.sum(cotangent * attention.masked_attention(
+          *a, mask, implementation="xla", even_lengths=even))
+    padded = attention.masked_attention(q, k, v, mask, implementation="xla", even_lengths=True)
+    return padded, [jax.grad(call(even), argnums=(0, 1, 2))(q, k, v) for even in (True, False)]
+
+  padded, grads = value_and_grads(q, k, v)
+  assert_close(padded, reference(q, k, v, start, L), 1e-5)
   assert_close(grads[0], grads[1], 1e-5)
 
 
