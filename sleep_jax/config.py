@@ -63,6 +63,11 @@ class ModelConfig:
       see `sleep_jax.ops.gated_delta_rule`).
     chunk_size: chunk length of the chunkwise-parallel op.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose).
+    scan_layers: run the blocks of a pass over more than one token as a `lax.scan` over the
+      repeats of the layout's unit (e.g. "AG" for "AG" * 12): the compiled program holds one
+      copy of the unit instead of every block, so it compiles several times faster. Parameters
+      keep their per-block layout (they are stacked inside the pass). One-token decode steps keep
+      the unrolled blocks (scanning would copy the window cache on every token).
   """
 
   vocab_size: int
@@ -82,6 +87,7 @@ class ModelConfig:
   delta_impl: str = "auto"
   chunk_size: int = 64
   attention_impl: Optional[str] = None
+  scan_layers: bool = False
 
   def __post_init__(self):
     _check_positive_int("vocab_size", self.vocab_size, 2)
@@ -123,6 +129,11 @@ class ModelConfig:
         if size < 16 or size & (size - 1):
           _fail("delta_impl", f"'pallas' needs {field} to be a power of two >= 16, got {size}; "
                 "change it or use delta_impl='chunked'")
+    if not isinstance(self.scan_layers, bool):
+      _fail("scan_layers", f"must be True or False, got {self.scan_layers!r}")
+    if self.scan_layers and self.layer_unit == self.num_layers:
+      _fail("scan_layers", f"needs a layout that repeats a shorter pattern (such as 'AG' * 12), "
+            f"got {self.layout!r}; set scan_layers=False")
     if self.attention_impl is not None and self.attention_impl not in ATTENTION_IMPLS:
       _fail("attention_impl", f"must be None or one of {ATTENTION_IMPLS}, "
             f"got {self.attention_impl!r}")
@@ -142,6 +153,13 @@ class ModelConfig:
   @property
   def num_layers(self) -> int:
     return len(self.layout)
+
+  @property
+  def layer_unit(self) -> int:
+    """Length of the shortest pattern of block letters whose repeats make up the layout."""
+    n = len(self.layout)
+    return next(u for u in range(1, n + 1)
+                if n % u == 0 and self.layout[:u] * (n // u) == self.layout)
 
   @property
   def block_kinds(self) -> tuple[tuple[str, bool], ...]:

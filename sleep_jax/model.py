@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sleep_jax.config import ModelConfig
-from sleep_jax.layers import Stack, rope
+from sleep_jax.layers import Block, Stack, rope
 
 Array = jax.Array
 
@@ -126,11 +126,50 @@ def forward_pass(params: Params, h: Array, state: tuple, cache: Optional[WindowC
   cache is None. Otherwise the tokens are appended to `cache` and the grown cache is returned.
   Returns `(h, state, cache)`.
   """
+  layers = None if cache is None else cache.layers
+  length = None if cache is None else cache.length
+  if params.config.scan_layers and h.shape[1] > 1:
+    h, state, layers = _scanned_blocks(params, h, state, layers, length)
+  else:
+    h, state, layers = _apply(params, "run_blocks", h, state, layers, length)
   if cache is None:
-    h, state, _ = _apply(params, "run_blocks", h, state, None, None)
     return h, state, None
-  h, state, layers = _apply(params, "run_blocks", h, state, cache.layers, cache.length)
   return h, state, cache.replace(layers=layers, length=cache.length + h.shape[1])
+
+
+def _scanned_blocks(params: Params, h: Array, state: tuple, layers: Optional[tuple],
+                    length: Optional[Array]):
+  """`Stack.run_blocks` as a `lax.scan` over the repeats of the layout's unit.
+
+  Block `j + r * u` (u = unit length) is position j of repeat r: its weights, state and cache
+  entry are stacked over r and the scan body applies the u blocks of one repeat. Without a cache
+  the per-block K/V of the new tokens are not needed and are not stacked.
+  """
+  cfg = params.config
+  unit = cfg.layer_unit
+  repeats = cfg.num_layers // unit
+
+  def stacked(per_block, j):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(per_block[j + r * unit]
+                                                     for r in range(repeats)))
+
+  weights = [params.weights[f"block_{i}"] for i in range(cfg.num_layers)]
+  xs = tuple((stacked(weights, j), stacked(state, j),
+              None if layers is None else stacked(layers, j)) for j in range(unit))
+
+  def body(h, xs):
+    out = []
+    for (mixer, mlp), (w, s, c) in zip(cfg.block_kinds[:unit], xs):
+      h, s, c = Block(cfg, mixer, mlp).apply({"params": w}, h, s, c, length)
+      out.append((s, None if layers is None else c))
+    return h, tuple(out)
+
+  h, out = jax.lax.scan(body, h, xs)
+  per_block = [jax.tree.map(lambda x, r=i // unit: x[r], out[i % unit])
+               for i in range(cfg.num_layers)]
+  new_state = tuple(s for s, _ in per_block)
+  new_layers = None if layers is None else tuple(c for _, c in per_block)
+  return h, new_state, new_layers
 
 
 @jax.jit
