@@ -100,8 +100,8 @@ def sliding_window_attention(q: Array, k: Array, v: Array, *, window: int,
       not be shorter than c, the whole call is one masked call (no gain from blocks).
     implementation: forwarded to `jax.nn.dot_product_attention` for every block. Each block
       carries a boolean mask (the slice start may be clamped at the cache's ends, so the band is
-      not at a static offset); with "cudnn" the mask becomes a bias and cuDNN's restrictions
-      apply (fp16/bf16 only; when differentiated, even query and key lengths).
+      not at a static offset); with "cudnn" the mask becomes a bias (fp16/bf16 only) and odd
+      lengths are padded to even ones (`masked_attention`).
 
   Returns:
     [b t h d] in the dtype of `v`; scores scaled by d^-1/2, softmax in float32, as
