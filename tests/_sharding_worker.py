@@ -127,9 +127,31 @@ def main() -> dict:
         same_shardings(layer, want) for layer, want in zip(cache.layers, c_sh.layers) if "k" in layer)
     out["meshes"][name] = res
 
+  out["scan_layers"] = scanned_blocks(batch)
   out["checkpoint"] = checkpoint_across_meshes(params)
   out["errors"] = error_messages()
   return out
+
+
+def scanned_blocks(batch) -> dict:
+  """`scan_layers=True` (weights stacked inside the pass) under the (2, 2, 2) mesh, against the
+  unrolled blocks on one device."""
+  cfg = CONFIG.replace(layout="AGAG", scan_layers=True)
+  params = sleep_jax.init(cfg, jax.random.key(2))
+  grad_step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (ref_loss, _), ref_grads = grad_step(params.replace(config=cfg.replace(scan_layers=False)),
+                                       batch)
+  mesh = sharding.make_mesh(*MESHES["tensor"])
+  p_sh = sharding.param_shardings(params, mesh)
+  b_sh = sharding.batch_sharding(mesh)
+  sbatch = sharding.global_batch(batch, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                 in_shardings=(p_sh, {k: b_sh for k in sbatch}),
+                 out_shardings=((replicated, replicated), p_sh))
+  (loss, _), grads = step(jax.device_put(params, p_sh), sbatch)
+  return {"loss_err": rel_err(loss, ref_loss), "grad_err": rel_err(grads, ref_grads),
+          "grad_norm": float(optax.global_norm(ref_grads))}
 
 
 def checkpoint_across_meshes(params) -> dict:

@@ -67,6 +67,13 @@ def test_sharded_sleep_and_wake_equal_one_device_and_keep_shardings(eight_device
   assert res["wake_kv_keeps_sharding"]
 
 
+def test_scanned_blocks_sharded_equal_unrolled_blocks_on_one_device(eight_devices):
+  res = eight_devices["scan_layers"]
+  assert res["grad_norm"] > 0.1
+  assert res["loss_err"] < 1e-5
+  assert res["grad_err"] < 1e-4, res
+
+
 def test_parameters_are_really_split(eight_devices):
   meshes = eight_devices["meshes"]
   # mlp/up/kernel [d_model=32, mlp=64]: d_model over fsdp, mlp over tensor.
