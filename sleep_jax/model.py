@@ -322,7 +322,9 @@ def wake(params: Params, state: tuple, cache: WindowCache, tokens: Array):
   """One ordinary pass over `tokens` [b t] behind the window cache; returns (logits, state, cache).
 
   Feeding a window token by token equals one call over the whole window. The caller evicts at
-  boundaries (see `evict`, or `sleep_jax.streaming.Stream` which does it all).
+  boundaries (see `evict`, or `sleep_jax.streaming.Stream` which does it all). Tokens that do not
+  fit the cache raise a ValueError; inside an outer `jax.jit`, where the length is not known on
+  the host, they give NaN logits.
   """
   _check_params(params)
   cfg = params.config
@@ -335,6 +337,9 @@ def wake(params: Params, state: tuple, cache: WindowCache, tokens: Array):
 @jax.jit
 def _wake(params: Params, state: tuple, cache: WindowCache, tokens: Array):
   logits, _, state, cache = wake_hidden(params, state, cache, tokens)
+  # Under an outer jit the capacity check of `wake` cannot read the length on the host, and the
+  # cache update would clamp, overwriting the last slots: such a call returns NaN logits instead.
+  logits = jnp.where(cache.length > cache.capacity, jnp.nan, logits)
   return logits, state, cache
 
 

@@ -438,6 +438,13 @@ def test_input_validation_messages():
     sj.sleep(params, sj.init_state(params, B + 1), tokens((B, L)), 1)
   with pytest.raises(ValueError, match="do not fit"):
     sj.wake(params, state, sj.init_cache(params, B), tokens((B, L + 1)))
+  # Under jit the host check cannot run: an overflowing call is poisoned, not silently clamped.
+  jitted_wake = jax.jit(sj.wake)
+  full = sj.init_cache(params, B).replace(length=jnp.int32(L - 1))
+  logits, _, _ = jitted_wake(params, state, full, tokens((B, 1)))
+  assert np.all(np.isfinite(np.asarray(logits)))
+  logits, _, _ = jitted_wake(params, state, full.replace(length=jnp.int32(L)), tokens((B, 1)))
+  assert np.all(np.isnan(np.asarray(logits)))
   with pytest.raises(ValueError, match="multiple of"):
     sj.loss(params, {"tokens": tokens((B, L + 2)), "targets": tokens((B, L + 2)),
                      "loss_mask": jnp.ones((B, L + 2), bool)}, 1)
