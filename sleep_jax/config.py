@@ -63,7 +63,7 @@ class ModelConfig:
       see `sleep_jax.ops.gated_delta_rule`).
     chunk_size: chunk length of the chunkwise-parallel op.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose, and JAX
-      0.10-0.11 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU).
+      0.10 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU).
     scan_layers: run the blocks of a pass over more than one token as a `lax.scan` over the
       repeats of the layout's unit (e.g. "AG" for "AG" * 12): the compiled program holds one
       copy of the unit instead of every block, so it compiles several times faster. Parameters
