@@ -7,6 +7,7 @@ import pytest
 
 import sleep_jax as sj
 from sleep_jax import model as model_lib
+from sleep_jax import streaming
 from sleep_jax.layers import rope
 from sleep_jax.streaming import Stream
 
@@ -452,3 +453,26 @@ def test_input_validation_messages():
     sj.loss(params, _batch(2, [1]), 2, grad_passes=3)
   with pytest.raises(TypeError, match="sleep_jax.init"):
     sj.sleep({"not": "params"}, state, tokens((B, L)), 1)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_stream_wake_step_copies_no_kv_buffer(eviction):
+  """A one-token wake of `Stream` updates the donated window cache in place: its compiled program
+  aliases inputs to outputs and holds no copy of a K/V buffer. The same step without donation
+  (the contrast that shows the check can see copies) copies them."""
+  cfg = sj.ModelConfig(vocab_size=VOCAB, d_model=32, num_heads=2, layout="AG", window=L,
+                       eviction=eviction, dtype="float32")
+  params = sj.init(cfg, jax.random.key(0))
+  stream = streaming.Stream(params, B, 2)
+  kv = stream._ss.cache.layers[0]["k"]
+  kv_shape = f"f32[{','.join(map(str, kv.shape))}]"
+  args = (params, stream._ss, tokens((B, 1)), jnp.int32(0))
+
+  def kv_copies(fn):
+    text = fn.lower(*args).compile().as_text()
+    return text, [line for line in text.splitlines() if kv_shape in line and " copy(" in line]
+
+  text, copies = kv_copies(streaming._wake_chunk)
+  assert "input_output_alias" in text and not copies, copies[:3]
+  _, copies = kv_copies(jax.jit(streaming._wake_chunk.__wrapped__))
+  assert copies
