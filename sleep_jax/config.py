@@ -12,6 +12,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from sleep_jax.ops import gated_delta_pallas
+
 BLOCK_KINDS = {
     "A": ("attention", True),
     "G": ("fast_weight", True),
@@ -126,10 +128,11 @@ class ModelConfig:
       _fail("delta_impl", f"must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
     _check_positive_int("chunk_size", self.chunk_size)
     if self.delta_impl == "pallas":
-      for field, size in (("head_dim", self.resolved_head_dim), ("chunk_size", self.chunk_size)):
-        if size < 16 or size & (size - 1):
-          _fail("delta_impl", f"'pallas' needs {field} to be a power of two >= 16, got {size}; "
-                "change it or use delta_impl='chunked'")
+      problem = gated_delta_pallas.supported(self.chunk_size, self.resolved_head_dim,
+                                             self.resolved_head_dim)
+      if problem:
+        _fail("delta_impl", f"'pallas': {problem} (Dk = Dv = head_dim); change it or use "
+              "delta_impl='chunked'")
     if not isinstance(self.scan_layers, bool):
       _fail("scan_layers", f"must be True or False, got {self.scan_layers!r}")
     if self.scan_layers and self.layer_unit == self.num_layers:

@@ -156,7 +156,8 @@ def test_unsupported_sizes_are_refused_with_the_fix():
     run(inputs, impl="pallas", chunk_size=16)
   with pytest.raises(ValueError, match=r"chunk_size must be a power of two >= 16"):
     run(make_inputs(0, t=8, dk=16, dv=16), impl="pallas", chunk_size=24)
-  with pytest.raises(ValueError, match=r"delta_impl: 'pallas' needs head_dim"):
+  with pytest.raises(ValueError,
+                     match=r"delta_impl: 'pallas': Dk must be a power of two >= 16.*head_dim"):
     ModelConfig(vocab_size=16, d_model=48, num_heads=2, delta_impl="pallas")
 
 

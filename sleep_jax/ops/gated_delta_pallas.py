@@ -58,13 +58,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _GPU_BLOCK_V = 64
 
 
-def supported(chunk: int, dk: int, dv: int) -> str | None:
-  """Why the kernel cannot run these sizes, or None if it can.
+def _kernel_size(size: int) -> bool:
+  """Triton's matrix products need power-of-two extents of at least 16 on every axis."""
+  return size >= 16 and not size & (size - 1)
 
-  Triton's matrix products need power-of-two extents of at least 16 on every axis of a product.
-  """
+
+def supported(chunk: int, dk: int, dv: int) -> str | None:
+  """Why the kernels cannot run these sizes, or None if they can."""
   for name, size in (("chunk_size", chunk), ("Dk", dk), ("Dv", dv)):
-    if size < 16 or size & (size - 1):
+    if not _kernel_size(size):
       return f"{name} must be a power of two >= 16 for the Pallas kernel, got {size}"
   return None
 
@@ -430,11 +432,11 @@ def solve_unit_lower(a: jax.Array, rhs: jax.Array | Sequence[jax.Array]):
   if a.ndim != 3 or a.shape[1] != a.shape[2]:
     raise ValueError(f"a must have shape [g, c, c], got {a.shape}")
   g, c = a.shape[:2]
-  if c < 16 or c & (c - 1):
+  if not _kernel_size(c):
     raise ValueError(f"a's size c must be a power of two >= 16, got {c}")
   for x in parts:
     r = x.shape[-1] if x.ndim == 3 else 0
-    if x.shape[:2] != (g, c) or r < 16 or r & (r - 1):
+    if x.shape[:2] != (g, c) or not _kernel_size(r):
       raise ValueError(f"rhs must have shape [g={g}, c={c}, r] with r a power of two >= 16, "
                        f"got {x.shape}")
   solved = _solve_parts(a.astype(jnp.float32), tuple(x.astype(jnp.float32) for x in parts))
