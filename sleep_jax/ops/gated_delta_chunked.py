@@ -13,6 +13,8 @@ Shape legend: ``n`` chunks, ``b`` batch, ``h`` heads, ``c``/``s`` token in a chu
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,7 @@ def _from_chunks(x: jax.Array) -> jax.Array:
   return x.reshape((b, n * c, h) + x.shape[4:])
 
 
+@jax.custom_vjp
 def _segment_log_decays(log_alpha: jax.Array):
   """Log-decays inside each chunk, all float32 and <= 0.
 
@@ -80,6 +83,29 @@ def _segment_log_decays(log_alpha: jax.Array):
   # Mask before exp: above the diagonal the sums are meaningless and exp of -inf is 0.
   pairwise = jnp.where(causal, sums, -jnp.inf)
   return from_start, pairwise, to_end
+
+
+def _segment_log_decays_fwd(log_alpha):
+  return _segment_log_decays(log_alpha), None
+
+
+def _segment_log_decays_bwd(_, cotangents):
+  # All three outputs are linear in the prefix sums F[c] = sum_{i<=c} log_alpha_i:
+  # from_start = F, pairwise[c, s] = F[c] - F[s] (c >= s), to_end[s] = F[C-1] - F[s].
+  # The forward pass avoids these differences for accuracy; the cotangents can use them,
+  # which replaces the transpose of the log-depth tree over [c, s] by row and column sums.
+  d_from_start, d_pairwise, d_to_end = cotangents
+  chunk = d_from_start.shape[-1]
+  idx = jnp.arange(chunk)
+  d_pairwise = jnp.where(idx[:, None] >= idx[None, :], d_pairwise, 0.0)
+  d_prefix = (d_from_start + jnp.sum(d_pairwise, axis=-1) - jnp.sum(d_pairwise, axis=-2)
+              - d_to_end)
+  d_prefix = d_prefix.at[..., -1].add(jnp.sum(d_to_end, axis=-1))
+  # log_alpha_i enters every F[c] with c >= i: a reversed cumulative sum.
+  return (jnp.flip(jnp.cumsum(jnp.flip(d_prefix, -1), axis=-1), -1),)
+
+
+_segment_log_decays.defvjp(_segment_log_decays_fwd, _segment_log_decays_bwd)
 
 
 def _matmul_f32(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -201,69 +227,186 @@ def chunked_delta_rule(
   from_start, pairwise, to_end = _segment_log_decays(log_alpha)
   decay = jnp.exp(pairwise)                                 # [n b h c s], 0 above diag
   chunk_decay = jnp.exp(from_start[..., -1])                # [n b h]
-  # Keys decayed to the chunk end: what each token contributes to the next chunk's state.
-  k_to_end = k.astype(jnp.float32) * jnp.exp(to_end)[..., None]
-  scores = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype) * decay
 
+  if kernel:
+    return _kernel_path(q, k, v, beta, from_start, to_end, decay, initial_state, scale,
+                        dtype, seq_len, rule)
+  o, final_state = _chunk_core(rule, dtype, q, k, v, beta, decay, jnp.exp(from_start),
+                               jnp.exp(to_end), chunk_decay, initial_state)
+  return (scale * _from_chunks(o))[:, :seq_len], final_state
+
+
+# ----------------------------------------------------------------------------- core
+# The chunked recurrence with a hand-written backward pass. Its inputs are already in
+# chunks, with the decays exponentiated: ``decay [n b h c s]`` (zero above the diagonal),
+# ``g [n b h c]`` (decay from the chunk start to token c, inclusive), ``e [n b h s]`` (from
+# token s to the chunk end) and ``gamma [n b h]`` (whole chunk). Autodiff carries the
+# gradients of these back to log_alpha. The backward pass:
+#   - never differentiates through the triangular inverse: for sol = T r with
+#     T = (I + A)^{-1}, dr = T^T dsol and dA = -dr sol^T (strictly lower part);
+#   - runs the inter-chunk recurrence backwards with two products per chunk, carrying the
+#     state's cotangent, and does every other product for all chunks at once;
+#   - keeps the chunk-start states from the forward pass instead of recomputing them;
+#   - recomputes k q^T rather than keeping q k^T (one product for a [c, s] residual).
+# docs/delta_rule.md "The backward pass" has the equations. Forward-mode differentiation
+# (jax.jvp) is not defined for a custom VJP: impl="scan" supports it.
+
+
+def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state):
+  f32 = jnp.float32
+  qk = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype)
+  scores = qk * decay
+  k_to_end = e[..., None] * k.astype(f32)
   if rule == "gated_delta":
-    # Corrected values u solve (I + A) u = beta v - beta exp(from_start) k S_0, with
-    # A[c, s] = beta_c exp(sum_{s<i<=c} log_alpha_i) (k_c . k_s) for s < c. Writing
-    # u = u0 - w S_0, both u0 and w come from one triangular inverse per chunk.
-    idx = jnp.arange(chunk)
+    # Corrected values u solve (I + A) u = beta v - beta g k S_0, with
+    # A[c, s] = beta_c decay[c, s] (k_c . k_s) for s < c. Writing u = u0 - w S_0, u0 and w
+    # come from one triangular inverse per chunk.
+    idx = jnp.arange(q.shape[-2])
     strictly_lower = idx[:, None] > idx[None, :]
     gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
     a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
-    if kernel:
-      # One Pallas kernel solves for both right-hand sides by blocked forward substitution:
-      # no explicit inverse, no chain of small batched products through memory.
-      def flat(x):
-        return x.reshape((-1,) + x.shape[-2:])
-      u0, w = gated_delta_pallas.solve_unit_lower(
-          flat(a), (flat(beta[..., None] * v.astype(jnp.float32)),
-                    flat((beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32))))
-      u0, w = u0.reshape(a.shape[:-1] + (dv,)), w.reshape(k.shape)
-      return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
-                             dtype, seq_len, correct=True)
+    inverse = unit_lower_inverse(a)
     rhs = jnp.concatenate(
-        [beta[..., None] * v.astype(jnp.float32),
-         (beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32)], axis=-1)
-    solved = _matmul_f32(unit_lower_inverse(a), rhs)
-    u0, w = solved[..., :dv], solved[..., dv:]
-
-    def chunk_step(state, xs):
-      u0_n, w_n, k_end_n, decay_n = xs
-      u_n = u0_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state, precision=_HIGHEST)
-      new_state = decay_n[..., None, None] * state + jnp.einsum(
-          "bhck,bhcv->bhkv", k_end_n, u_n, precision=_HIGHEST)
-      return new_state, (state, u_n)
-
-    xs = (u0, w, k_to_end, chunk_decay)
+        [beta[..., None] * v.astype(f32), (beta * g)[..., None] * k.astype(f32)], axis=-1)
+    solved = _matmul_f32(inverse, rhs)
+    u0, w = jnp.split(solved, [v.shape[-1]], axis=-1)
   else:
     # Hebbian: nothing is corrected, u = beta v does not depend on the state.
-    u_hebbian = beta[..., None] * v.astype(jnp.float32)
-    if kernel:
-      # The kernel skips w S for the Hebbian rule; k_to_end stands in for the unused w.
-      return _kernel_outputs(q, k_to_end, u_hebbian, k_to_end, scores, from_start,
-                             initial_state, scale, dtype, seq_len, correct=False)
+    gram = inverse = w = None
+    u0 = beta[..., None] * v.astype(f32)
 
-    def chunk_step(state, xs):
-      u_n, k_end_n, decay_n = xs
-      new_state = decay_n[..., None, None] * state + jnp.einsum(
-          "bhck,bhcv->bhkv", k_end_n, u_n, precision=_HIGHEST)
-      return new_state, (state, None)
+  # k_end enters the scan transposed ([k c]): the state update then contracts the last
+  # axis of both operands (see the note on transposes in _core_backward).
+  def chunk_step(state, xs):
+    u0_n, w_n, k_end_t_n, gamma_n = xs
+    u_n = u0_n
+    if w_n is not None:
+      u_n = u0_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state, precision=_HIGHEST)
+    new_state = gamma_n[..., None, None] * state + jnp.einsum(
+        "bhkc,bhcv->bhkv", k_end_t_n, u_n, precision=_HIGHEST)
+    return new_state, (state, u_n)
 
-    xs = (u_hebbian, k_to_end, chunk_decay)
-
-  # Remat keeps only the carried state per chunk for the backward pass.
   final_state, (start_states, u) = jax.lax.scan(
-      jax.checkpoint(chunk_step, prevent_cse=False), initial_state, xs)
-  if rule != "gated_delta":
-    u = u_hebbian
-
+      chunk_step, initial_state, (u0, w, jnp.swapaxes(k_to_end, -1, -2), gamma))
   inter = _matmul("nbhck,nbhkv->nbhcv", q, start_states, dtype)
   intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
-  o = scale * (jnp.exp(from_start)[..., None] * inter + intra)
-  return _from_chunks(o)[:, :seq_len], final_state
+  o = g[..., None] * inter + intra
+  residuals = (q, k, v, beta, decay, g, e, gamma, gram, inverse, u0, w, u, start_states)
+  return (o, final_state), residuals
+
+
+def _core_backward(rule, dtype, residuals, cotangents):
+  f32 = jnp.float32
+  q, k, v, beta, decay, g, e, gamma, gram, inverse, u0, w, u, start_states = residuals
+  d_o, d_final = cotangents
+  d_o = d_o.astype(f32)
+  qf, kf, vf = (x.astype(f32) for x in (q, k, v))
+
+  # o = g * (q S_n) + scores u, scores = qk * decay. Where a product needs a [c, s]
+  # matrix transposed, the transpose comes from its own product (k q^T, u d_o^T): XLA folds
+  # a plain transpose into the consuming product, and a product that contracts the leading
+  # axis of its left operand runs several times slower on CPU.
+  decay_t = jnp.swapaxes(decay, -1, -2)
+  kq = _matmul("nbhsk,nbhck->nbhsc", k, q, dtype)
+  d_u = _matmul("nbhsc,nbhcv->nbhsv", kq * decay_t, d_o, dtype)
+  d_scores = _matmul("nbhcv,nbhsv->nbhcs", d_o, u, dtype)
+  d_scores_t = _matmul("nbhsv,nbhcv->nbhsc", u, d_o, dtype)
+  d_inter = _matmul("nbhcv,nbhkv->nbhck", d_o, start_states, dtype)
+  d_q = g[..., None] * d_inter
+  d_g = jnp.sum(qf * d_inter, axis=-1)
+  d_states_out = _matmul("nbhck,nbhcv->nbhkv", g[..., None] * qf, d_o, dtype)
+  k_to_end = e[..., None] * kf
+
+  # Inter-chunk recurrence, backwards: S_{n+1} = gamma S_n + k_end^T u_n and
+  # u_n = u0_n - w_n S_n. The carry is the cotangent of S_{n+1}.
+  def chunk_step_back(d_next, xs):
+    d_u_n, d_out_n, k_end_n, w_t_n, gamma_n = xs
+    d_u_n = d_u_n + jnp.einsum("bhck,bhkv->bhcv", k_end_n, d_next, precision=_HIGHEST)
+    d_state = gamma_n[..., None, None] * d_next + d_out_n
+    if w_t_n is not None:
+      d_state = d_state - jnp.einsum("bhkc,bhcv->bhkv", w_t_n, d_u_n, precision=_HIGHEST)
+    return d_state, (d_u_n, d_next)
+
+  d_initial, (d_u, d_next_states) = jax.lax.scan(
+      chunk_step_back, d_final,
+      (d_u, d_states_out, k_to_end, None if w is None else jnp.swapaxes(w, -1, -2), gamma),
+      reverse=True)
+  d_gamma = jnp.sum(start_states * d_next_states, axis=(-2, -1))
+  d_k_to_end = _matmul_f32(u, jnp.swapaxes(d_next_states, -1, -2))
+  d_k = e[..., None] * d_k_to_end
+  d_e = jnp.sum(kf * d_k_to_end, axis=-1)
+
+  if rule == "gated_delta":
+    # u = u0 - w S_n; [u0, w] = T [beta v, beta g k] with T = (I + A)^{-1}.
+    d_w = -_matmul_f32(d_u, jnp.swapaxes(start_states, -1, -2))
+    d_solved = jnp.concatenate([d_u, d_w], axis=-1)
+    d_rhs = _matmul_f32(jnp.swapaxes(inverse, -1, -2), d_solved)
+    solved = jnp.concatenate([u0, w], axis=-1)
+    idx = jnp.arange(q.shape[-2])
+    strictly_lower = idx[:, None] > idx[None, :]
+    d_a = jnp.where(strictly_lower,
+                    -_matmul_f32(d_rhs, jnp.swapaxes(solved, -1, -2)), 0.0)
+    d_rhs_v, d_rhs_k = jnp.split(d_rhs, [v.shape[-1]], axis=-1)
+    d_v = beta[..., None] * d_rhs_v
+    d_bg = jnp.sum(d_rhs_k * kf, axis=-1)             # cotangent of beta * g
+    d_k = d_k + (beta * g)[..., None] * d_rhs_k
+    d_g = d_g + beta * d_bg
+    # A = beta_c decay[c, s] gram[c, s], strictly lower.
+    d_gram = d_a * beta[..., None] * decay
+    d_decay = d_a * beta[..., None] * gram
+    d_beta = (jnp.sum(d_rhs_v * vf, axis=-1) + g * d_bg
+              + jnp.sum(d_a * decay * gram, axis=-1))
+    d_k = d_k + _matmul("nbhcs,nbhsk->nbhck", d_gram + jnp.swapaxes(d_gram, -1, -2), k,
+                        dtype)
+  else:
+    d_v = beta[..., None] * d_u
+    d_beta = jnp.sum(d_u * vf, axis=-1)
+    d_decay = 0.0
+
+  # scores = qk * decay.
+  d_decay = d_decay + d_scores * jnp.swapaxes(kq, -1, -2)
+  d_q = d_q + _matmul("nbhcs,nbhsk->nbhck", d_scores * decay, k, dtype)
+  d_k = d_k + _matmul("nbhsc,nbhck->nbhsk", d_scores_t * decay_t, q, dtype)
+  return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_beta, d_decay,
+          d_g, d_e, d_gamma, d_initial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_core(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state):
+  """Unscaled outputs ``[n b h c v]`` float32 and the final state of the chunked
+  recurrence; inputs ``[n b h c ...]`` (q, k, v in ``dtype``)."""
+  return _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)[0]
+
+
+_chunk_core.defvjp(_core_forward, _core_backward)
+
+
+def _kernel_path(q, k, v, beta, from_start, to_end, decay, initial_state, scale, dtype,
+                 seq_len, rule):
+  """The Pallas route: triangular solve and fused recurrence in kernels."""
+  # Keys decayed to the chunk end: what each token contributes to the next chunk's state.
+  k_to_end = k.astype(jnp.float32) * jnp.exp(to_end)[..., None]
+  scores = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype) * decay
+  if rule != "gated_delta":
+    # The kernel skips w S for the Hebbian rule; k_to_end stands in for the unused w.
+    u_hebbian = beta[..., None] * v.astype(jnp.float32)
+    return _kernel_outputs(q, k_to_end, u_hebbian, k_to_end, scores, from_start,
+                           initial_state, scale, dtype, seq_len, correct=False)
+  idx = jnp.arange(q.shape[-2])
+  strictly_lower = idx[:, None] > idx[None, :]
+  gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
+  a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+
+  # One Pallas kernel solves for both right-hand sides by blocked forward substitution:
+  # no explicit inverse, no chain of small batched products through memory.
+  def flat(x):
+    return x.reshape((-1,) + x.shape[-2:])
+  u0, w = gated_delta_pallas.solve_unit_lower(
+      flat(a), (flat(beta[..., None] * v.astype(jnp.float32)),
+                flat((beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32))))
+  u0, w = u0.reshape(a.shape[:-1] + (v.shape[-1],)), w.reshape(k.shape)
+  return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
+                         dtype, seq_len, correct=True)
 
 
 def _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale, dtype,
