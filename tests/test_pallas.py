@@ -9,6 +9,8 @@ Mosaic one by compiling for a TPU v5e topology (needs libtpu, marked `tpu_aot`).
 
 import importlib.util
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,36 @@ def _fused_numpy(qg, w, u0, kend, scores, decay, state, correct):
 
 
 KERNELS = {"gpu": gated_delta_pallas._call_gpu, "tpu": gated_delta_pallas._call_tpu}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("correct", [True, False])
+def test_fused_backward_equals_autodiff_of_the_reference(correct, dtype):
+  """The hand-written VJP of fused_recurrence against jax.vjp of its pure-JAX definition
+  (``reference``, a lax.scan over chunks), for every input, on the same cotangents."""
+  qg, w, u0, kend, scores, decay, state = _fused_inputs(7)
+  cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+  inputs = (cast(qg), cast(w), jnp.asarray(u0), cast(kend), cast(scores), jnp.asarray(decay),
+            jnp.asarray(state))
+  rng = np.random.default_rng(8)
+  cotangents = (jnp.asarray(rng.standard_normal(u0.shape), jnp.float32),
+                jnp.asarray(rng.standard_normal(state.shape), jnp.float32))
+
+  def vjp_of(fn):
+    return jax.jit(lambda *a: jax.vjp(fn, *a)[1](cotangents))(*inputs)
+
+  got = vjp_of(lambda *a: gated_delta_pallas.fused_recurrence(*a, correct))
+  expected = vjp_of(functools.partial(gated_delta_pallas.reference, correct=correct))
+  names = ("qg", "w", "u0", "kend", "scores", "decay", "initial_state")
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  for name, x, g, e in zip(names, inputs, got, expected):
+    assert g.dtype == x.dtype, name
+    g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
+    if not correct and name == "w":
+      assert not np.any(g) and not np.any(e)       # the Hebbian rule does not read w
+      continue
+    err = np.linalg.norm(g - e) / np.linalg.norm(e)
+    assert err <= tolerance, f"{name}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("call", sorted(KERNELS))

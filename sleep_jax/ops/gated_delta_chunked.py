@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sleep_jax.ops import gated_delta_pallas
+from sleep_jax.ops import chunk_states, gated_delta_pallas
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -30,14 +30,7 @@ def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(dtype)
 
 
-def _matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """einsum with float32 results: true float32 for float32 operands (no TF32/bf16
-  passes on accelerators), or half-precision operands with float32 accumulation."""
-  if dtype == jnp.float32:
-    return jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32),
-                      precision=_HIGHEST)
-  return jnp.einsum(spec, x.astype(dtype), y.astype(dtype),
-                    preferred_element_type=jnp.float32)
+_matmul = chunk_states.matmul
 
 
 def _to_chunks(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
@@ -248,7 +241,7 @@ def chunked_delta_rule(
 #     state's cotangent, and does every other product for all chunks at once;
 #   - keeps the chunk-start states from the forward pass instead of recomputing them;
 #   - recomputes k q^T rather than keeping q k^T (one product for a [c, s] residual).
-# docs/delta_rule.md "The backward pass" has the equations. Forward-mode differentiation
+# docs/delta_rule.md "Gradients and memory" has the equations. Forward-mode differentiation
 # (jax.jvp) is not defined for a custom VJP: impl="scan" supports it.
 
 
@@ -275,19 +268,7 @@ def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
     gram = inverse = w = None
     u0 = beta[..., None] * v.astype(f32)
 
-  # k_end enters the scan transposed ([k c]): the state update then contracts the last
-  # axis of both operands (see the note on transposes in _core_backward).
-  def chunk_step(state, xs):
-    u0_n, w_n, k_end_t_n, gamma_n = xs
-    u_n = u0_n
-    if w_n is not None:
-      u_n = u0_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state, precision=_HIGHEST)
-    new_state = gamma_n[..., None, None] * state + jnp.einsum(
-        "bhkc,bhcv->bhkv", k_end_t_n, u_n, precision=_HIGHEST)
-    return new_state, (state, u_n)
-
-  final_state, (start_states, u) = jax.lax.scan(
-      chunk_step, initial_state, (u0, w, jnp.swapaxes(k_to_end, -1, -2), gamma))
+  final_state, start_states, u = chunk_states.forward(u0, w, k_to_end, gamma, initial_state)
   inter = _matmul("nbhck,nbhkv->nbhcv", q, start_states, dtype)
   intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
   o = g[..., None] * inter + intra
@@ -317,20 +298,8 @@ def _core_backward(rule, dtype, residuals, cotangents):
   d_states_out = _matmul("nbhck,nbhcv->nbhkv", g[..., None] * qf, d_o, dtype)
   k_to_end = e[..., None] * kf
 
-  # Inter-chunk recurrence, backwards: S_{n+1} = gamma S_n + k_end^T u_n and
-  # u_n = u0_n - w_n S_n. The carry is the cotangent of S_{n+1}.
-  def chunk_step_back(d_next, xs):
-    d_u_n, d_out_n, k_end_n, w_t_n, gamma_n = xs
-    d_u_n = d_u_n + jnp.einsum("bhck,bhkv->bhcv", k_end_n, d_next, precision=_HIGHEST)
-    d_state = gamma_n[..., None, None] * d_next + d_out_n
-    if w_t_n is not None:
-      d_state = d_state - jnp.einsum("bhkc,bhcv->bhkv", w_t_n, d_u_n, precision=_HIGHEST)
-    return d_state, (d_u_n, d_next)
-
-  d_initial, (d_u, d_next_states) = jax.lax.scan(
-      chunk_step_back, d_final,
-      (d_u, d_states_out, k_to_end, None if w is None else jnp.swapaxes(w, -1, -2), gamma),
-      reverse=True)
+  d_initial, d_u, d_next_states = chunk_states.backward(d_u, d_states_out, k_to_end, w,
+                                                        gamma, d_final)
   d_gamma = jnp.sum(start_states * d_next_states, axis=(-2, -1))
   d_k_to_end = _matmul_f32(u, jnp.swapaxes(d_next_states, -1, -2))
   d_k = e[..., None] * d_k_to_end

@@ -32,10 +32,12 @@ float32 inputs, at HIGHEST precision; bf16/f16 inputs give bf16/f16 operands, fl
 accumulation): with bf16 inputs the state is rounded to bf16 as an operand of ``w S`` and
 ``qg S``, where the pure-JAX scan keeps it in float32. Tests bound the difference.
 
-Gradients. The recurrence kernel has no backward of its own: ``fused_recurrence`` is a
-``jax.custom_vjp`` whose backward pass differentiates the pure-JAX reference of the same function
-(a ``lax.scan``, recomputing the forward), so gradients equal the chunked form's. The solve's
-backward is the transposed solve, by the same kernel walking the blocks upwards.
+Gradients. The recurrence kernel has no backward kernel of its own: ``fused_recurrence`` is a
+``jax.custom_vjp`` whose backward pass recomputes the chunk-start states and runs the hand-written
+backward of the pure-JAX chunked form (``chunk_states.backward`` and batched products), so
+gradients equal the chunked form's; ``reference`` (a ``lax.scan`` of the same function) is the
+oracle the tests differentiate. The solve's backward is the transposed solve, by the same kernel
+walking the blocks upwards.
 
 Shape legend: ``g`` = B*H rows (matrices, for the solve), ``n`` chunks, ``c`` tokens per chunk,
 ``k`` Dk, ``v`` Dv, ``r`` columns of a right-hand side.
@@ -50,6 +52,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from sleep_jax.ops import chunk_states
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -249,8 +253,39 @@ def _fused_fwd(qg, w, u0, kend, scores, decay, initial_state, correct):
 
 
 def _fused_bwd(correct, residuals, cotangents):
-  _, vjp = jax.vjp(functools.partial(reference, correct=correct), *residuals)
-  return vjp(cotangents)
+  # The kernel keeps no chunk-start states, so the backward pass recomputes them (two small
+  # products per chunk), then runs the recurrence backwards as the pure-JAX chunked form
+  # does (chunk_states.backward) and does every other product for all chunks at once.
+  qg, w, u0, kend, scores, decay, initial_state = residuals
+  d_o, d_final = cotangents
+  dtype, f32 = qg.dtype, jnp.float32
+
+  def by_chunk(x):                                  # [g n ...] -> [n g ...]
+    return jnp.moveaxis(x, 1, 0)
+
+  qg_n, scores_n, decay_n = by_chunk(qg), by_chunk(scores), by_chunk(decay)
+  kend_n = by_chunk(kend).astype(f32)
+  w_n = by_chunk(w).astype(f32) if correct else None
+  _, states, u = chunk_states.forward(by_chunk(u0), w_n, kend_n, decay_n, initial_state)
+  # o = qg S_n + scores u_n.
+  d_o = by_chunk(d_o).astype(f32)
+  d_qg = chunk_states.matmul("ngcv,ngkv->ngck", d_o, states, dtype)
+  d_scores = chunk_states.matmul("ngcv,ngsv->ngcs", d_o, u, dtype)
+  d_u = chunk_states.matmul("ngcs,ngcv->ngsv", scores_n, d_o, dtype)
+  d_states = chunk_states.matmul("ngck,ngcv->ngkv", qg_n, d_o, dtype)
+  d_initial, d_u, d_next = chunk_states.backward(d_u, d_states, kend_n, w_n, decay_n, d_final)
+  d_kend = chunk_states.matmul("ngcv,ngkv->ngck", u, d_next, f32)
+  d_decay = jnp.sum(states * d_next, axis=(-2, -1))
+
+  def back(x, like):                                 # [n g ...] -> [g n ...], like's dtype
+    return jnp.moveaxis(x, 0, 1).astype(like.dtype)
+
+  if correct:
+    d_w = back(-chunk_states.matmul("ngcv,ngkv->ngck", d_u, states, f32), w)
+  else:
+    d_w = jnp.zeros_like(w)                          # the Hebbian rule does not read w
+  return (back(d_qg, qg), d_w, back(d_u, u0), back(d_kend, kend), back(d_scores, scores),
+          back(d_decay, decay), d_initial)
 
 
 fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
