@@ -201,6 +201,10 @@ def gated_delta_rule(
 
   Returns:
     ``(o [b t h v] in v's dtype, final_state [b h k v] float32)``.
+
+  Reverse-mode gradients work with every ``impl``; the chunked and Pallas forms have
+  hand-written backward passes (``jax.custom_vjp``), so forward mode (``jax.jvp``,
+  ``jax.jacfwd``) needs ``impl="scan"``.
   """
   _check_choice("impl", impl, IMPLS)
   _check_choice("rule", rule, RULES)
