@@ -47,7 +47,6 @@ def _from_chunks(x: jax.Array) -> jax.Array:
   return x.reshape((b, n * c, h) + x.shape[4:])
 
 
-@jax.custom_vjp
 def _segment_log_decays(log_alpha: jax.Array):
   """Log-decays inside each chunk, all float32 and <= 0.
 
@@ -76,29 +75,6 @@ def _segment_log_decays(log_alpha: jax.Array):
   # Mask before exp: above the diagonal the sums are meaningless and exp of -inf is 0.
   pairwise = jnp.where(causal, sums, -jnp.inf)
   return from_start, pairwise, to_end
-
-
-def _segment_log_decays_fwd(log_alpha):
-  return _segment_log_decays(log_alpha), None
-
-
-def _segment_log_decays_bwd(_, cotangents):
-  # All three outputs are linear in the prefix sums F[c] = sum_{i<=c} log_alpha_i:
-  # from_start = F, pairwise[c, s] = F[c] - F[s] (c >= s), to_end[s] = F[C-1] - F[s].
-  # The forward pass avoids these differences for accuracy; the cotangents can use them,
-  # which replaces the transpose of the log-depth tree over [c, s] by row and column sums.
-  d_from_start, d_pairwise, d_to_end = cotangents
-  chunk = d_from_start.shape[-1]
-  idx = jnp.arange(chunk)
-  d_pairwise = jnp.where(idx[:, None] >= idx[None, :], d_pairwise, 0.0)
-  d_prefix = (d_from_start + jnp.sum(d_pairwise, axis=-1) - jnp.sum(d_pairwise, axis=-2)
-              - d_to_end)
-  d_prefix = d_prefix.at[..., -1].add(jnp.sum(d_to_end, axis=-1))
-  # log_alpha_i enters every F[c] with c >= i: a reversed cumulative sum.
-  return (jnp.flip(jnp.cumsum(jnp.flip(d_prefix, -1), axis=-1), -1),)
-
-
-_segment_log_decays.defvjp(_segment_log_decays_fwd, _segment_log_decays_bwd)
 
 
 def _matmul_f32(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -258,11 +234,11 @@ def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
     strictly_lower = idx[:, None] > idx[None, :]
     gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
     a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+    # Two products rather than one on concatenated right-hand sides: no [c, Dk + Dv]
+    # buffers to concatenate and split, forwards and backwards.
     inverse = unit_lower_inverse(a)
-    rhs = jnp.concatenate(
-        [beta[..., None] * v.astype(f32), (beta * g)[..., None] * k.astype(f32)], axis=-1)
-    solved = _matmul_f32(inverse, rhs)
-    u0, w = jnp.split(solved, [v.shape[-1]], axis=-1)
+    u0 = _matmul_f32(inverse, beta[..., None] * v.astype(f32))
+    w = _matmul_f32(inverse, (beta * g)[..., None] * k.astype(f32))
   else:
     # Hebbian: nothing is corrected, u = beta v does not depend on the state.
     gram = inverse = w = None
@@ -306,16 +282,16 @@ def _core_backward(rule, dtype, residuals, cotangents):
   d_e = jnp.sum(kf * d_k_to_end, axis=-1)
 
   if rule == "gated_delta":
-    # u = u0 - w S_n; [u0, w] = T [beta v, beta g k] with T = (I + A)^{-1}.
+    # u = u0 - w S_n; u0 = T beta v and w = T beta g k with T = (I + A)^{-1}.
     d_w = -_matmul_f32(d_u, jnp.swapaxes(start_states, -1, -2))
-    d_solved = jnp.concatenate([d_u, d_w], axis=-1)
-    d_rhs = _matmul_f32(jnp.swapaxes(inverse, -1, -2), d_solved)
-    solved = jnp.concatenate([u0, w], axis=-1)
+    inverse_t = jnp.swapaxes(inverse, -1, -2)
+    d_rhs_v = _matmul_f32(inverse_t, d_u)
+    d_rhs_k = _matmul_f32(inverse_t, d_w)
     idx = jnp.arange(q.shape[-2])
     strictly_lower = idx[:, None] > idx[None, :]
-    d_a = jnp.where(strictly_lower,
-                    -_matmul_f32(d_rhs, jnp.swapaxes(solved, -1, -2)), 0.0)
-    d_rhs_v, d_rhs_k = jnp.split(d_rhs, [v.shape[-1]], axis=-1)
+    d_a = -(_matmul_f32(d_rhs_v, jnp.swapaxes(u0, -1, -2))
+            + _matmul_f32(d_rhs_k, jnp.swapaxes(w, -1, -2)))
+    d_a = jnp.where(strictly_lower, d_a, 0.0)
     d_v = beta[..., None] * d_rhs_v
     d_bg = jnp.sum(d_rhs_k * kf, axis=-1)             # cotangent of beta * g
     d_k = d_k + (beta * g)[..., None] * d_rhs_k
