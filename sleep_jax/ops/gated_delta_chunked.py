@@ -178,7 +178,7 @@ def chunked_delta_rule(
   Returns:
     ``(o [b t h v] float32, final_state [b h k v] float32)``.
   """
-  _, seq_len, _, dv = v.shape
+  seq_len = v.shape[1]
   chunk = chunk_size if kernel else min(chunk_size, seq_len)
   num_chunks = -(-seq_len // chunk)
   pad = num_chunks * chunk - seq_len
