@@ -195,14 +195,23 @@ def chunked_delta_rule(
                      for x in (beta, log_alpha))
   from_start, pairwise, to_end = _segment_log_decays(log_alpha)
   decay = jnp.exp(pairwise)                                 # [n b h c s], 0 above diag
-  chunk_decay = jnp.exp(from_start[..., -1])                # [n b h]
+  g = jnp.exp(from_start)                                   # [n b h c]
+  e = jnp.exp(to_end)                                       # [n b h s]
+  gamma = g[..., -1]                                        # [n b h], the whole chunk
 
   if kernel:
-    return _kernel_path(q, k, v, beta, from_start, to_end, decay, initial_state, scale,
-                        dtype, seq_len, rule)
-  o, final_state = _chunk_core(rule, dtype, q, k, v, beta, decay, jnp.exp(from_start),
-                               jnp.exp(to_end), chunk_decay, initial_state)
+    return _kernel_path(q, k, v, beta, decay, g, e, gamma, initial_state, scale, dtype,
+                        seq_len, rule)
+  o, final_state = _chunk_core(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
   return (scale * _from_chunks(o))[:, :seq_len], final_state
+
+
+def _system_matrix(k, beta, decay, dtype):
+  """``K K^T`` and ``A[c, s] = beta_c decay[c, s] (k_c . k_s)`` for ``s < c`` (0 elsewhere):
+  the corrected values u solve ``(I + A) u = beta v - beta g k S_0`` within a chunk."""
+  idx = jnp.arange(k.shape[-2])
+  gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
+  return gram, jnp.where(idx[:, None] > idx[None, :], beta[..., None] * decay * gram, 0.0)
 
 
 # ----------------------------------------------------------------------------- core
@@ -227,13 +236,8 @@ def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
   scores = qk * decay
   k_to_end = e[..., None] * k.astype(f32)
   if rule == "gated_delta":
-    # Corrected values u solve (I + A) u = beta v - beta g k S_0, with
-    # A[c, s] = beta_c decay[c, s] (k_c . k_s) for s < c. Writing u = u0 - w S_0, u0 and w
-    # come from one triangular inverse per chunk.
-    idx = jnp.arange(q.shape[-2])
-    strictly_lower = idx[:, None] > idx[None, :]
-    gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
-    a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+    # Writing u = u0 - w S_0, u0 and w come from one triangular inverse per chunk.
+    gram, a = _system_matrix(k, beta, decay, dtype)
     # Two products rather than one on concatenated right-hand sides: no [c, Dk + Dv]
     # buffers to concatenate and split, forwards and backwards.
     inverse = unit_lower_inverse(a)
@@ -326,21 +330,18 @@ def _chunk_core(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state):
 _chunk_core.defvjp(_core_forward, _core_backward)
 
 
-def _kernel_path(q, k, v, beta, from_start, to_end, decay, initial_state, scale, dtype,
-                 seq_len, rule):
+def _kernel_path(q, k, v, beta, decay, g, e, gamma, initial_state, scale, dtype, seq_len,
+                 rule):
   """The Pallas route: triangular solve and fused recurrence in kernels."""
   # Keys decayed to the chunk end: what each token contributes to the next chunk's state.
-  k_to_end = k.astype(jnp.float32) * jnp.exp(to_end)[..., None]
+  k_to_end = e[..., None] * k.astype(jnp.float32)
   scores = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype) * decay
   if rule != "gated_delta":
     # The kernel skips w S for the Hebbian rule; k_to_end stands in for the unused w.
     u_hebbian = beta[..., None] * v.astype(jnp.float32)
-    return _kernel_outputs(q, k_to_end, u_hebbian, k_to_end, scores, from_start,
+    return _kernel_outputs(q, k_to_end, u_hebbian, k_to_end, scores, g, gamma,
                            initial_state, scale, dtype, seq_len, correct=False)
-  idx = jnp.arange(q.shape[-2])
-  strictly_lower = idx[:, None] > idx[None, :]
-  gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
-  a = jnp.where(strictly_lower, beta[..., None] * decay * gram, 0.0)
+  _, a = _system_matrix(k, beta, decay, dtype)
 
   # One Pallas kernel solves for both right-hand sides by blocked forward substitution:
   # no explicit inverse, no chain of small batched products through memory.
@@ -348,13 +349,13 @@ def _kernel_path(q, k, v, beta, from_start, to_end, decay, initial_state, scale,
     return x.reshape((-1,) + x.shape[-2:])
   u0, w = gated_delta_pallas.solve_unit_lower(
       flat(a), (flat(beta[..., None] * v.astype(jnp.float32)),
-                flat((beta * jnp.exp(from_start))[..., None] * k.astype(jnp.float32))))
+                flat((beta * g)[..., None] * k.astype(jnp.float32))))
   u0, w = u0.reshape(a.shape[:-1] + (v.shape[-1],)), w.reshape(k.shape)
-  return _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale,
-                         dtype, seq_len, correct=True)
+  return _kernel_outputs(q, w, u0, k_to_end, scores, g, gamma, initial_state, scale, dtype,
+                         seq_len, correct=True)
 
 
-def _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale, dtype,
+def _kernel_outputs(q, w, u0, k_to_end, scores, g, gamma, initial_state, scale, dtype,
                     seq_len, *, correct):
   """Outputs and final state from the Pallas kernel; chunked inputs ``[n b h c ...]``."""
   n, b, h, c, dk = q.shape
@@ -366,10 +367,10 @@ def _kernel_outputs(q, w, u0, k_to_end, scores, from_start, initial_state, scale
     return jnp.moveaxis(x, 0, 2).reshape((b * h, n) + x.shape[3:])
 
   # The readout scale and the decay from the chunk start go into the operands.
-  qg = (scale * jnp.exp(from_start))[..., None] * q.astype(jnp.float32)
+  qg = (scale * g)[..., None] * q.astype(jnp.float32)
   o, final_state = gated_delta_pallas.fused_recurrence(
       rows(qg, dtype), rows(w, dtype), rows(u0, jnp.float32), rows(k_to_end, dtype),
-      rows(scale * scores, dtype), rows(jnp.exp(from_start[..., -1])),
+      rows(scale * scores, dtype), rows(gamma),
       initial_state.reshape(b * h, dk, dv), correct)
   o = jnp.moveaxis(o.reshape(b, h, n * c, dv), 1, 2)
   return o[:, :seq_len], final_state.reshape(b, h, dk, dv)
