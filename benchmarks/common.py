@@ -329,7 +329,7 @@ def pass_flops(config, tokens: int, pairs: int, *, logits: bool) -> dict[str, in
   `4 k` per pair and head (scores and values); the head `2 d vocab` where logits are computed.
   """
   d, h, k = config.d_model, config.num_heads, config.resolved_head_dim
-  chunk = min(config.chunk_size, tokens)
+  chunk = min(config.resolved_chunk_size, tokens)
   parts = {"projections": 0, "mlp": 0, "attention": 0, "delta_rule": 0, "head": 0}
   for mixer, mlp in config.block_kinds:
     if mixer == "attention":

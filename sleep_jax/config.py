@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from sleep_jax.ops import gated_delta
 from sleep_jax.ops import gated_delta_pallas
 
 BLOCK_KINDS = {
@@ -63,7 +64,10 @@ class ModelConfig:
     remat: `jax.checkpoint` policy applied to every pass ("none" disables rematerialisation).
     delta_impl: implementation of the fast-weight op ("auto", "scan", "chunked" or "pallas";
       see `sleep_jax.ops.gated_delta_rule`).
-    chunk_size: chunk length of the chunkwise-parallel op.
+    chunk_size: chunk length of the chunkwise-parallel op; None picks it per backend when the
+      model is traced (`sleep_jax.ops.default_chunk_size`: 32 on CPU, 64 on GPU and TPU).
+      Compiling ahead of time for another platform than the host's (a TPU topology from a CPU
+      host), set it (and `dtype`) explicitly.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose, and JAX
       0.10 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU).
     scan_layers: run the blocks of a pass over more than one token as a `lax.scan` over the
@@ -88,7 +92,7 @@ class ModelConfig:
   dtype: Optional[str] = None
   remat: str = "nothing_saveable"
   delta_impl: str = "auto"
-  chunk_size: int = 64
+  chunk_size: Optional[int] = None
   attention_impl: Optional[str] = None
   scan_layers: bool = False
 
@@ -126,9 +130,14 @@ class ModelConfig:
       _fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.delta_impl not in DELTA_IMPLS:
       _fail("delta_impl", f"must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
-    _check_positive_int("chunk_size", self.chunk_size)
+    if self.chunk_size is not None:
+      _check_positive_int("chunk_size", self.chunk_size)
     if self.delta_impl == "pallas":
-      problem = gated_delta_pallas.supported(self.chunk_size, self.resolved_head_dim,
+      # With chunk_size None, check the smallest per-backend default (all are powers of two)
+      # rather than ask JAX for its backend before the model is traced.
+      chunk = (min(gated_delta.CHUNK_SIZES.values()) if self.chunk_size is None
+               else self.chunk_size)
+      problem = gated_delta_pallas.supported(chunk, self.resolved_head_dim,
                                              self.resolved_head_dim)
       if problem:
         _fail("delta_impl", f"'pallas': {problem} (Dk = Dv = head_dim); change it or use "
@@ -186,6 +195,13 @@ class ModelConfig:
     if self.eviction == "sliding":
       return 2 * self.window - 1
     return None
+
+  @property
+  def resolved_chunk_size(self) -> int:
+    """`chunk_size`, or the current backend's default when it is None."""
+    if self.chunk_size is not None:
+      return self.chunk_size
+    return gated_delta.default_chunk_size()
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -198,7 +198,7 @@ class FastWeight(nn.Module):
       o = o[:, None]
     else:
       o, state = ops.gated_delta_rule(q, k, v, beta, log_alpha, initial_state=state,
-                                      impl=cfg.delta_impl, chunk_size=cfg.chunk_size,
+                                      impl=cfg.delta_impl, chunk_size=cfg.resolved_chunk_size,
                                       rule=cfg.rule)
     o = RMSNorm(cfg.norm_eps, name="head_norm")(o)
     gate = nn.silu(_dense(h * d, dt, "gate")(x)).reshape(b, t, h, d)

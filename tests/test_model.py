@@ -411,6 +411,25 @@ def test_no_eviction_is_plain_causal_model():
     sj.sleep(params, sj.init_state(params, B), batch["tokens"][:, :L], 2)
 
 
+def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
+  """ModelConfig(chunk_size=None) resolves to sleep_jax.ops.default_chunk_size() at trace time:
+  its logits are bit-identical to the model configured with that chunk explicitly, and differ
+  from a model with another chunk length (the same weights: chunking only changes rounding)."""
+  chunk = sj.ops.default_chunk_size()
+  t = 2 * chunk + 7
+  toks = tokens((B, t))
+
+  def logits(chunk_size):
+    params = make("AG", "none", chunk_size=chunk_size)
+    assert params.config.resolved_chunk_size == (chunk if chunk_size is None else chunk_size)
+    cache = sj.init_cache(params, B, capacity=t)
+    return sj.wake(params, sj.init_state(params, B), cache, toks)[0]
+
+  default = logits(None)
+  np.testing.assert_array_equal(default, logits(chunk))
+  assert not np.array_equal(default, logits(chunk // 4))
+
+
 # ----------------------------------------------------------------------------- validation
 
 

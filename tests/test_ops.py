@@ -273,6 +273,23 @@ def test_vmap_and_auto():
   assert_close(o_auto, o_ref, 1e-5)
 
 
+def test_chunk_size_none_is_the_backends_default():
+  """chunk_size=None runs the backend's chunk length: bit-identical to passing that length,
+  and distinguishable from another length (so the identity says which one ran)."""
+  chunk = ops.default_chunk_size()
+  assert chunk == ops.default_chunk_size(jax.default_backend())
+  inputs = make_inputs(17, t=3 * chunk - 5)
+  o_none, s_none = run(inputs, impl="chunked", chunk_size=None)
+  o_same, s_same = run(inputs, impl="chunked", chunk_size=chunk)
+  o_other, _ = run(inputs, impl="chunked", chunk_size=chunk // 2)
+  np.testing.assert_array_equal(o_none, o_same)
+  np.testing.assert_array_equal(s_none, s_same)
+  assert not np.array_equal(o_none, o_other)
+  o_ref, s_ref = reference(*inputs, 5 ** -0.5, "gated_delta")
+  assert_close(o_none, o_ref, 1e-5)
+  assert_close(s_none, s_ref, 1e-5)
+
+
 # ------------------------------------------------------------------------- validation
 
 

@@ -28,7 +28,8 @@ SMALL_LRS = {"muon_lr": 1e-2, "adam_lr": 1e-3}
 
 # Python types of the ModelConfig fields whose default is None (ml_collections needs a type to
 # accept an override of a None field).
-_NONE_FIELD_TYPES = {"head_dim": int, "mlp_dim": int, "dtype": str, "attention_impl": str}
+_NONE_FIELD_TYPES = {"head_dim": int, "mlp_dim": int, "dtype": str, "attention_impl": str,
+                     "chunk_size": int}
 _TASK_PARAM_TYPES = {"int": int, "tuple": tuple, "str": str}
 
 

@@ -35,6 +35,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # 13-17x forward+backward (H200); TPUs, like GPUs, need its matrix products.
 _AUTO_IMPL = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
 
+# Chunk length of the chunked form per backend, for callers that leave it to the library
+# (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 (and than
+# 16 forward+backward) at D = 32 and 64. GPU: 64, the size timed on the H200 and the one
+# flash-linear-attention uses. TPU: 64, not timed on a TPU; ahead-of-time compiles found 128
+# no better for memory at model level (the Pallas kernel alone wants 128 on TPU). Measurements
+# and the TPU compiles in docs/delta_rule.md.
+CHUNK_SIZES = {"cpu": 32, "gpu": 64, "tpu": 64}
+
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
@@ -168,6 +176,12 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   return _AUTO_IMPL.get(backend, "chunked")
 
 
+def default_chunk_size(backend: str | None = None) -> int:
+  """The chunk length ``chunk_size=None`` stands for on ``backend`` (default: JAX's)."""
+  backend = jax.default_backend() if backend is None else backend
+  return CHUNK_SIZES.get(backend, 64)
+
+
 def gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
@@ -178,7 +192,7 @@ def gated_delta_rule(
     initial_state: jax.Array | None = None,
     scale: float | jax.Array | None = None,
     impl: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: int | None = 64,
     rule: str = "gated_delta",
 ) -> tuple[jax.Array, jax.Array]:
   """Runs the fast-weight recurrence over a sequence.
@@ -196,7 +210,8 @@ def gated_delta_rule(
       chunk_size, Dk and Dv powers of two >= 16) or ``"auto"`` (chosen per backend; currently
       chunked on CPU, GPU and TPU).
     chunk_size: chunk length of the chunked form (``>= 1``); a sequence shorter than one
-      chunk uses its own length.
+      chunk uses its own length. ``None`` picks it per backend (``default_chunk_size``: 32 on
+      CPU, 64 on GPU and TPU); the default 64 is the spec's.
     rule: ``"gated_delta"`` or ``"hebbian"``.
 
   Returns:
@@ -208,8 +223,10 @@ def gated_delta_rule(
   """
   _check_choice("impl", impl, IMPLS)
   _check_choice("rule", rule, RULES)
+  if chunk_size is None:
+    chunk_size = default_chunk_size()
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
+    raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
   b, t, h, dk, dv = _check_sequence_inputs(q, k, v, beta, log_alpha, initial_state)
   if impl == "pallas":
     problem = gated_delta_pallas.supported(chunk_size, dk, dv)
