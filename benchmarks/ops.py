@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sleep_jax.ops import default_chunk_size
 from sleep_jax.ops import gated_delta_rule
 from sleep_jax.ops.gated_delta import resolve_impl
 
@@ -48,7 +49,10 @@ _SHAPES = flags.DEFINE_list(
 _DTYPE = flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16"],
     "Dtype of q, k, v. Default float32 on CPU, bfloat16 on accelerators.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of the chunked form.")
+_CHUNK = flags.DEFINE_integer(
+    "chunk_size", None,
+    "Chunk size of the chunked form. Default: the backend's (32 on CPU, 64 on GPU and TPU; "
+    "sleep_jax.ops.default_chunk_size).")
 _RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
 _IMPLS = flags.DEFINE_list(
     "impls", None, "Implementations to time among scan, chunked, pallas, auto (default: scan, "
@@ -233,12 +237,15 @@ def main(argv):
       raise ValueError(f"--modes entries must be fwd or fwdbwd, got {name!r}.")
   if _RUNS.value < 1 or _INPUT_SETS.value < 1 or _WARMUP.value < 0:
     raise ValueError("--runs and --input_sets must be >= 1 and --warmup >= 0.")
+  if _CHUNK.value is not None and _CHUNK.value < 1:
+    raise ValueError(f"--chunk_size must be >= 1, got {_CHUNK.value}.")
+  chunk = default_chunk_size(backend) if _CHUNK.value is None else _CHUNK.value
   out_path = _OUT.value or os.path.join("benchmarks", "results", f"ops_{backend}.json")
 
   rng = np.random.default_rng(0)
   rows = []
   print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype_name} "
-        f"rule={_RULE.value} chunk={_CHUNK.value} jax={jax.__version__}")
+        f"rule={_RULE.value} chunk={chunk} jax={jax.__version__}")
   header = (f"{'B':>3} {'T':>6} {'H':>3} {'D':>4} {'impl':>8} {'mode':>7} "
             f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'temp MiB':>9} {'max diff':>10}")
   print(header)
@@ -255,14 +262,14 @@ def main(argv):
           compiled[impl] = f"scan backward would keep {kept_gib:.1f} GiB of states"
           continue
         fn, compile_s, temp_bytes = _compile(
-            _build(impl, mode, _RULE.value, _CHUNK.value, cotangents), input_sets[0])
+            _build(impl, mode, _RULE.value, chunk, cotangents), input_sets[0])
         compiled[impl] = (fn, compile_s, temp_bytes)
       runnable = {i: c[0] for i, c in compiled.items() if not isinstance(c, str)}
       diffs = _differences(runnable, input_sets[0])
       times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
-               "dtype": dtype_name, "rule": _RULE.value, "chunk_size": _CHUNK.value}
+               "dtype": dtype_name, "rule": _RULE.value, "chunk_size": chunk}
         rows.append(row)
         if isinstance(compiled[impl], str):
           row["skipped"] = compiled[impl]
@@ -272,7 +279,7 @@ def main(argv):
         median = statistics.median(times[impl])
         flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
                  * _flops_per_token_head(resolve_impl(impl), _RULE.value, d, d,
-                                         min(_CHUNK.value, t)))
+                                         min(chunk, t)))
         row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
                    runs=len(times[impl]), compile_s=compile_s, flops=flops,
                    gflops_per_s=flops / median / 1e9, temp_bytes=temp_bytes, **diffs[impl])
