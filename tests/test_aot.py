@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import aot
+import sleep_jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -62,6 +63,19 @@ def test_memory_report_counts_bytes():
   assert report["total_gib"] >= report["arguments_gib"] + report["outputs_gib"] - report["aliased_gib"]
   assert report["fits"] is True  # 1 MiB + code is under 1e-3 GiB (1.05 MB)
   assert aot.memory_report(compiled, hbm_gib=1e-4)["fits"] is False
+
+
+def test_model_config_is_what_a_tpu_would_pick():
+  """Unset dtype and chunk_size become the TPU's (bfloat16, its default chunk), not the host's
+  (on a CPU host: float32 and chunk 32); values the config sets are kept."""
+  from experiments.configs import multi_hop  # pylint: disable=import-outside-toplevel
+  config = multi_hop.get_config("smoke")
+  _, model = aot.build_model_config(config)
+  assert model.dtype == "bfloat16"
+  assert model.chunk_size == sleep_jax.ops.default_chunk_size("tpu")
+  config.model.chunk_size, config.model.dtype = 16, "float32"
+  _, model = aot.build_model_config(config)
+  assert (model.chunk_size, model.dtype) == (16, "float32")
 
 
 def _run_aot(tmp_path, *overrides):
