@@ -100,7 +100,6 @@ def test_bfloat16_compute_keeps_float32_state():
 
 def _reference_stream(params, stream_tokens, n):
   """The plain definition, composed from the public functions window by window."""
-  cfg = params.config
   state, cache = sj.init_state(params, B), sj.init_cache(params, B)
   logits = []
   for start in range(0, stream_tokens.shape[1], L):
@@ -308,7 +307,6 @@ def _batch(num_windows, supervised_windows, seed=7):
 
 
 def _hand_rolled_loss(params, batch, n):
-  cfg = params.config
   state, cache = sj.init_state(params, B), sj.init_cache(params, B)
   nll, correct, count = 0.0, 0.0, 0.0
   wrong = np.zeros(B)
