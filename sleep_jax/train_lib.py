@@ -54,7 +54,7 @@ def forward_flops_per_token(config: ModelConfig, context: int) -> float:
       total += 2 * m * h * d * 5          # fused qkv (3), output gate, o
       total += 2 * m * h * 2              # beta and alpha gates
       chunk = min(config.resolved_chunk_size, context)
-      # Chunkwise gated delta rule, per head: about 6 Dk Dv + C (6 Dk + 4 Dv) (see PERF.md).
+      # Chunkwise gated delta rule, per head: about 6 Dk Dv + C (6 Dk + 4 Dv) (docs/delta_rule.md).
       total += h * (6 * d * d + chunk * (6 * d + 4 * d))
     if has_mlp:
       total += 2 * m * config.resolved_mlp_dim * 3

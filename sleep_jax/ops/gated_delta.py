@@ -211,7 +211,7 @@ def gated_delta_rule(
       chunked on CPU, GPU and TPU).
     chunk_size: chunk length of the chunked form (``>= 1``); a sequence shorter than one
       chunk uses its own length. ``None`` picks it per backend (``default_chunk_size``: 32 on
-      CPU, 64 on GPU and TPU); the default 64 is the spec's.
+      CPU, 64 on GPU and TPU); the default, 64, is the same on every backend.
     rule: ``"gated_delta"`` or ``"hebbian"``.
 
   Returns:
