@@ -458,7 +458,8 @@ def print_digest(folder: str) -> None:
   from benchmarks import attention, sleep_cost, train_step, wake_latency
   ops_columns = (("B", "B", "d"), ("T", "T", "d"), ("H", "H", "d"), ("Dk", "D", "d"),
                  ("impl", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".3f"),
-                 ("gflops_per_s", "GFLOP/s", ".4g"), ("max_diff", "max diff", ".2e"),
+                 ("gflops_per_s", "GFLOP/s", ".4g"), ("fraction_of_peak", "of peak", ".2%"),
+                 ("max_diff", "max diff", ".2e"),
                  ("skipped", "skipped", ""),
                  ("error", "error", ""))
   for name in ("ops", "attention", "wake_latency", "sleep_cost", "train_step"):

@@ -13,15 +13,18 @@ FLOP counts per token per head (the chunked form, C = chunk size): ``6 Dk Dv + C
 4 Dv)`` for the gated delta rule (docs/delta_rule.md derives it) and ``4 Dk Dv + 2 C (Dk +
 Dv)`` for the Hebbian rule; the per-token scan does ``6 Dk Dv`` (gated delta) or ``4 Dk Dv``
 (Hebbian); ``pallas`` is counted as the chunked form. Forward+backward is counted as three
-forwards. ``max diff`` is each implementation's largest deviation from the scan (or the chunked
-form) on the first input set, relative to the largest output; the ratios at the end compare
-times within one shape and mode.
+forwards. ``% peak`` is the achieved FLOP/s over the chip's dense bf16 peak (``--peak_tflops``,
+by default from the device kind for H100/H200 and TPU v5e/v5p/v6e; blank where unknown, e.g.
+on CPU); float32 inputs are measured against the same bf16 peak. ``max diff`` is each
+implementation's largest deviation from the scan (or the chunked form) on the first input set,
+relative to the largest output; the ratios at the end compare times within one shape and mode.
 
 On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
-``fla`` (PyTorch + Triton) can be imported.
+``fla`` (PyTorch + Triton) can be imported; its FLOPs are counted as the chunked form's at
+chunk 64, the chunk it uses.
 
-    python benchmarks/ops.py                       # default shapes for the backend
-    python benchmarks/ops.py --shapes=1x2048x4x64 --runs=9 --out=/tmp/ops.json
+    python -m benchmarks.ops                       # default shapes for the backend
+    python -m benchmarks.ops --shapes=1x2048x4x64 --runs=9 --out=/tmp/ops.json
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from sleep_jax.ops import default_chunk_size
 from sleep_jax.ops import gated_delta_rule
 from sleep_jax.ops.gated_delta import resolve_impl
@@ -65,6 +69,10 @@ _SCAN_BWD_MAX_GIB = flags.DEFINE_float(
     "scan_bwd_max_gib", 16.0,
     "Skip scan forward+backward when the per-token states it keeps for the backward pass "
     "(T * B * H * Dk * Dv * 4 bytes) exceed this many GiB.")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops", None,
+    "Dense bf16 peak TFLOP/s of the chip for the '% peak' column. Default: from the device kind "
+    "(H100/H200 989, TPU v5e 197, v5p 459, v6e 918); none on CPU.")
 _OUT = flags.DEFINE_string(
     "out", None, "JSON output path. Default benchmarks/results/ops_<backend>.json.")
 
@@ -73,11 +81,8 @@ _ACCEL_SHAPES = ["4x1024x16x128", "4x4096x16x128", "4x16384x16x128"]
 
 
 def _flops_per_token_head(impl: str, rule: str, dk: int, dv: int, chunk: int) -> int:
-  if impl == "scan":
-    return (6 if rule == "gated_delta" else 4) * dk * dv
-  if rule == "gated_delta":
-    return 6 * dk * dv + chunk * (6 * dk + 4 * dv)
-  return 4 * dk * dv + 2 * chunk * (dk + dv)
+  """The per-token scan costs one decode step a token; every chunked form the chunked count."""
+  return common.delta_flops_per_token_head(rule, dk, dv, 1 if impl == "scan" else chunk)
 
 
 def _make_inputs(rng: np.random.Generator, b: int, t: int, h: int, d: int, dtype) -> tuple:
@@ -206,11 +211,22 @@ def _time_fla(shape, dtype_name: str, runs: int, warmup: int) -> dict[str, Any] 
   return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
 
 
-def _write_json(path: str, rows: list, ratios: list) -> None:
+def _write_json(path: str, rows: list, ratios: list, peak: float | None) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-               "jax_version": jax.__version__, "rows": rows, "ratios": ratios}, f, indent=1)
+               "jax_version": jax.__version__, "peak_flops": peak, "rows": rows,
+               "ratios": ratios}, f, indent=1)
+
+
+def _rate_columns(flops: float, seconds: float, peak: float | None) -> tuple[dict, str]:
+  """Achieved GFLOP/s and fraction of peak for a row, and their printed columns."""
+  rate = flops / seconds
+  fields = {"flops": flops, "gflops_per_s": rate / 1e9,
+            "fraction_of_peak": None if peak is None else rate / peak}
+  percent = "" if peak is None else f"{100 * rate / peak:7.2f}"
+  return fields, f"{rate / 1e9:>9.1f} {percent:>7}"
+
 
 
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -240,14 +256,19 @@ def main(argv):
   if _CHUNK.value is not None and _CHUNK.value < 1:
     raise ValueError(f"--chunk_size must be >= 1, got {_CHUNK.value}.")
   chunk = default_chunk_size(backend) if _CHUNK.value is None else _CHUNK.value
+  if _PEAK.value is not None and _PEAK.value <= 0:
+    raise ValueError(f"--peak_tflops must be > 0, got {_PEAK.value}.")
+  peak = 1e12 * _PEAK.value if _PEAK.value else common.peak_flops(common.device_kind())
   out_path = _OUT.value or os.path.join("benchmarks", "results", f"ops_{backend}.json")
 
   rng = np.random.default_rng(0)
   rows = []
   print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype_name} "
-        f"rule={_RULE.value} chunk={chunk} jax={jax.__version__}")
+        f"rule={_RULE.value} chunk={chunk} jax={jax.__version__} "
+        f"peak={'unknown' if peak is None else f'{peak / 1e12:g} TFLOP/s'}")
   header = (f"{'B':>3} {'T':>6} {'H':>3} {'D':>4} {'impl':>8} {'mode':>7} "
-            f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'temp MiB':>9} {'max diff':>10}")
+            f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'% peak':>7} {'temp MiB':>9} "
+            f"{'max diff':>10}")
   print(header)
   for shape in shapes:
     b, t, h, d = shape
@@ -280,22 +301,27 @@ def main(argv):
         flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
                  * _flops_per_token_head(resolve_impl(impl), _RULE.value, d, d,
                                          min(chunk, t)))
+        rate, rate_text = _rate_columns(flops, median, peak)
         row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
-                   runs=len(times[impl]), compile_s=compile_s, flops=flops,
-                   gflops_per_s=flops / median / 1e9, temp_bytes=temp_bytes, **diffs[impl])
+                   runs=len(times[impl]), compile_s=compile_s, temp_bytes=temp_bytes,
+                   **rate, **diffs[impl])
         temp = "" if temp_bytes is None else f"{temp_bytes / 2 ** 20:9.1f}"
         diff = f"{diffs[impl]['max_diff']:10.2e}" if diffs[impl] else ""
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
-              f"{row['min_ms']:>9.2f} {row['gflops_per_s']:>9.1f} {temp:>9} {diff}")
-    _write_json(out_path, rows, [])   # partial results survive a later failure
+              f"{row['min_ms']:>9.2f} {rate_text} {temp:>9} {diff}")
+    _write_json(out_path, rows, [], peak)   # partial results survive a later failure
     if accelerator and _RULE.value == "gated_delta":
       fla = _time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
       row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": "fla", "mode": "fwd",
              "dtype": dtype_name, "rule": _RULE.value, **fla}
       rows.append(row)
       if "median_ms" in fla:
+        rate, rate_text = _rate_columns(
+            b * t * h * _flops_per_token_head("chunked", "gated_delta", d, d, min(64, t)),
+            fla["median_ms"] / 1e3, peak)
+        row.update(rate)
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7} {fla['median_ms']:>10.2f} "
-              f"{fla['min_ms']:>9.2f}")
+              f"{fla['min_ms']:>9.2f} {rate_text}")
       else:
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7}  {fla['error']}")
 
@@ -316,7 +342,7 @@ def main(argv):
   for r in ratios:
     print(f"  {r['shape']:>16} {r['mode']:>7} {r['ratio']:>15} {r['value']:6.2f}x")
 
-  _write_json(out_path, rows, ratios)
+  _write_json(out_path, rows, ratios, peak)
   print(f"wrote {out_path}")
 
 

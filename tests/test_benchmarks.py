@@ -258,6 +258,30 @@ def test_train_step_smoke(tmp_path):
   assert math.isfinite(row["loss"])
 
 
+def test_ops_smoke(tmp_path):
+  """benchmarks.ops (an absl app, so run as a subprocess) on a tiny shape: the backend's chunk,
+  FLOPs from the documented counts, achieved FLOP/s over the given peak, chunked == scan."""
+  out = tmp_path / "ops.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.ops", "--shapes=1x40x2x16", "--runs=1",
+                  "--warmup=0", "--input_sets=1", "--peak_tflops=0.01", f"--out={out}"],
+                 cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                 text=True, check=True)
+  data = load(out)
+  assert data["peak_flops"] == pytest.approx(1e10)
+  assert {(r["impl"], r["mode"]) for r in data["rows"]} == {
+      (i, m) for i in ("scan", "chunked") for m in ("fwd", "fwdbwd")}
+  chunk = ops.default_chunk_size("cpu")
+  for row in data["rows"]:
+    assert row["chunk_size"] == chunk
+    per_token = (6 * 16 * 16 if row["impl"] == "scan"
+                 else 6 * 16 * 16 + chunk * (6 * 16 + 4 * 16))
+    assert row["flops"] == 40 * 2 * per_token * (3 if row["mode"] == "fwdbwd" else 1)
+    assert row["gflops_per_s"] == pytest.approx(row["flops"] / row["median_ms"] / 1e6)
+    assert row["fraction_of_peak"] == pytest.approx(row["gflops_per_s"] * 1e9 / 1e10)
+    assert row["max_diff"] < 1e-5
+  assert {r["ratio"] for r in data["ratios"]} == {"scan/chunked"}
+
+
 def test_run_gpu_script_plan_and_import_path(tmp_path):
   out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), str(tmp_path)],
                        env=dict(os.environ, BENCH_DRY_RUN="1"), capture_output=True, text=True,
@@ -273,7 +297,7 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
   assert sum(caps) + 110 <= 440   # at least 110 s are always left for train_step
   # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
   code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
-          "benchmarks.train_step; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "benchmarks.train_step, benchmarks.ops; print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('grain', 'tensorflow_datasets', 'ml_collections', 'tensorflow')))")
   loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
