@@ -276,25 +276,32 @@ def main(argv):
     cotangents = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
                   jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
     for mode in _MODES.value:
+      # impl -> (fn, compile seconds, temp bytes), or ("skipped" | "error", why): one
+      # implementation that fails to compile or run (a kernel the backend's compiler rejects)
+      # leaves the others' rows intact.
       compiled = {}
       for impl in impls:
         kept_gib = t * b * h * d * d * 4 / 2 ** 30
         if impl == "scan" and mode == "fwdbwd" and kept_gib > _SCAN_BWD_MAX_GIB.value:
-          compiled[impl] = f"scan backward would keep {kept_gib:.1f} GiB of states"
+          compiled[impl] = ("skipped", f"scan backward would keep {kept_gib:.1f} GiB of states")
           continue
-        fn, compile_s, temp_bytes = _compile(
-            _build(impl, mode, _RULE.value, chunk, cotangents), input_sets[0])
-        compiled[impl] = (fn, compile_s, temp_bytes)
-      runnable = {i: c[0] for i, c in compiled.items() if not isinstance(c, str)}
+        try:
+          compiled[impl] = _compile(_build(impl, mode, _RULE.value, chunk, cotangents),
+                                    input_sets[0])
+          jax.block_until_ready(compiled[impl][0](*input_sets[0]))
+        except Exception as err:  # pylint: disable=broad-except
+          compiled[impl] = ("error", "failed: " + common.describe_error(err))
+      runnable = {i: c[0] for i, c in compiled.items() if callable(c[0])}
       diffs = _differences(runnable, input_sets[0])
       times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
                "dtype": dtype_name, "rule": _RULE.value, "chunk_size": chunk}
         rows.append(row)
-        if isinstance(compiled[impl], str):
-          row["skipped"] = compiled[impl]
-          print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  skipped ({row['skipped']})")
+        if impl not in runnable:
+          kind, why = compiled[impl]
+          row[kind] = why
+          print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  {kind} ({why})")
           continue
         _, compile_s, temp_bytes = compiled[impl]
         median = statistics.median(times[impl])

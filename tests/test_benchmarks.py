@@ -282,6 +282,21 @@ def test_ops_smoke(tmp_path):
   assert {r["ratio"] for r in data["ratios"]} == {"scan/chunked"}
 
 
+def test_ops_keeps_the_other_rows_when_one_implementation_fails(tmp_path):
+  """A kernel its compiler rejects (here the Pallas path at D = 24, not a power of two) becomes
+  an error row; the scan and chunked rows of the same shape are still timed."""
+  out = tmp_path / "ops.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.ops", "--shapes=1x20x2x24", "--runs=1",
+                  "--warmup=0", "--input_sets=1", "--modes=fwd", "--impls=scan,pallas,chunked",
+                  f"--out={out}"],
+                 cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                 text=True, check=True)
+  rows = {r["impl"]: r for r in load(out)["rows"]}
+  assert "power of two" in rows["pallas"]["error"] and "median_ms" not in rows["pallas"]
+  assert rows["scan"]["median_ms"] > 0 and rows["chunked"]["median_ms"] > 0
+  assert rows["chunked"]["max_diff"] < 1e-5
+
+
 def test_run_gpu_script_plan_and_import_path(tmp_path):
   out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), str(tmp_path)],
                        env=dict(os.environ, BENCH_DRY_RUN="1"), capture_output=True, text=True,
