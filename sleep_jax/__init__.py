@@ -14,6 +14,7 @@ from sleep_jax.config import ModelConfig
 from sleep_jax.model import Params
 from sleep_jax.model import WindowCache
 from sleep_jax.model import evict
+from sleep_jax.model import inference_params
 from sleep_jax.model import init
 from sleep_jax.model import init_cache
 from sleep_jax.model import init_state
@@ -26,6 +27,6 @@ from sleep_jax.objective import score
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelConfig", "Params", "WindowCache", "evict", "init", "init_cache", "init_state", "loss",
-    "ops", "score", "tasks", "sleep", "sleep_window", "wake",
+    "ModelConfig", "Params", "WindowCache", "evict", "inference_params", "init", "init_cache",
+    "init_state", "loss", "ops", "score", "tasks", "sleep", "sleep_window", "wake",
 ]

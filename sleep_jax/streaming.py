@@ -84,6 +84,9 @@ class Stream:
     batch_size: streams advanced in lockstep.
     n: sleep passes at every boundary (>= 1; n = 1 is the ordinary hybrid model).
     shortcut: reuse the wake pass as the first sleep pass (n - 1 extra passes per boundary).
+
+  The stream computes with `sleep_jax.inference_params(params)`: matrices cast to the compute
+  dtype once (bit-identical results; with bfloat16 compute a copy of half the parameters' size).
   """
 
   def __init__(self, params: Params, batch_size: int, n: int, *, shortcut: bool = True):
@@ -91,6 +94,7 @@ class Stream:
     cfg = params.config
     model_lib._check_sleepable(cfg, n, allow_zero=False)
     self.params, self.n, self.shortcut = params, n, bool(shortcut)
+    self._weights = model_lib.inference_params(params)
     self.batch_size = batch_size
     state = model_lib.init_state(params, batch_size)
     cache = model_lib.init_cache(params, batch_size)
@@ -123,14 +127,14 @@ class Stream:
     outputs, i, total = [], 0, tokens.shape[1]
     while i < total:
       take = min(total - i, cfg.window - self.position)
-      logits, self._ss = _wake_chunk(self.params, self._ss, tokens[:, i:i + take],
+      logits, self._ss = _wake_chunk(self._weights, self._ss, tokens[:, i:i + take],
                                         jnp.int32(self.position))
       outputs.append(logits)
       i += take
       self.position += take
       self.tokens_seen += take
       if self.position == cfg.window:
-        self._ss = _boundary(self.params, self._ss, self.n, self.shortcut)
+        self._ss = _boundary(self._weights, self._ss, self.n, self.shortcut)
         self.position = 0
         self.windows_slept += 1
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)

@@ -95,6 +95,55 @@ def test_bfloat16_compute_keeps_float32_state():
   assert_close(state, reference, tol=5e-2)
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_inference_params_cast_once_and_change_no_bit(eviction):
+  """With bfloat16 compute, inference_params stores in bf16 exactly the weights the model casts
+  before use; wake, sleep and sleep_window then give bit-identical results."""
+  params = make("AG", eviction, dtype="bfloat16")
+  cast = sj.inference_params(params)
+  dtypes = {jax.tree_util.keystr(path): w.dtype
+            for path, w in jax.tree_util.tree_flatten_with_path(cast.weights)[0]}
+  for name, dtype in [
+      ("['block_0']['attention']['q']['kernel']", jnp.bfloat16),
+      ("['block_1']['fast_weight']['qkv']['kernel']", jnp.bfloat16),
+      ("['block_1']['fast_weight']['conv']['kernel']", jnp.bfloat16),
+      ("['block_1']['mlp']['down']['kernel']", jnp.bfloat16),
+      ("['embedding']['embedding']", jnp.bfloat16),
+      ("['head']['kernel']", jnp.bfloat16),
+      ("['block_1']['fast_weight']['beta']['kernel']", jnp.float32),
+      ("['block_1']['fast_weight']['alpha']['kernel']", jnp.float32),
+      ("['block_1']['fast_weight']['A_log']", jnp.float32),
+      ("['block_1']['fast_weight']['dt_bias']", jnp.float32),
+      ("['block_0']['mixer_norm']['scale']", jnp.float32)]:
+    assert dtypes[name] == dtype, name
+  state, cache = sj.init_state(params, B), sj.init_cache(params, B)
+  ctx, more = tokens((B, L), seed=4), tokens((B, 1), seed=5)
+
+  def run(p):
+    slept = sj.sleep(p, state, ctx, 2)
+    _, woken, grown = sj.wake(p, state, cache, ctx[:, :L - 1])
+    step = sj.wake(p, woken, grown, more)
+    return slept, step, sj.sleep_window(p, state, cache, ctx, 2)
+
+  for got, want in zip(jax.tree.leaves(run(cast)), jax.tree.leaves(run(params))):
+    np.testing.assert_array_equal(got, want)
+  f32 = make("AG", eviction, dtype="float32")
+  assert sj.inference_params(f32) is f32
+
+
+def test_bfloat16_stream_matches_the_public_functions():
+  """Stream computes with inference_params: with bf16 compute it still follows the plain
+  definition (the f32 parameters through wake / sleep_window), up to bf16 rounding."""
+  params = make("AG", "hard", dtype="bfloat16")
+  stream_tokens = tokens((B, 2 * L + 3), seed=6)
+  ref_logits, ref_state = _reference_stream(params, stream_tokens, 2)
+  stream = Stream(params, B, 2, shortcut=False)
+  got = jnp.concatenate([stream.feed(stream_tokens[:, i:i + L])
+                         for i in range(0, stream_tokens.shape[1], L)], axis=1)
+  assert_close(got, ref_logits, tol=3e-2)
+  assert_close(stream.state, ref_state, tol=3e-2)
+
+
 # ----------------------------------------------------------------------------- streaming
 
 
