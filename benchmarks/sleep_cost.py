@@ -9,7 +9,9 @@ For every window length L and number of passes N:
   (`embed` + `forward_pass`), since sleep passes compute no logits;
 * `boundary`: what `sleep_jax.streaming.Stream` runs at a boundary: wake already made pass 1, so
   N - 1 passes continue from wake's residual stream and state, then the cache is evicted
-  (`shortcut=True`, the default; its state is donated as in the stream).
+  (`shortcut=True`, the default; its state is donated as in the stream). Every row uses the
+  same float32-stored weights; `Stream` itself computes with `sleep_jax.inference_params`, which
+  makes its boundaries and its prefills alike cheaper where the compute dtype is bf16.
 
 Inputs are random (tokens, a nonzero fast-weight state, wake's residual stream): the cost depends
 on shapes only, so no stream has to be run first. Everything is compiled up front, in threads.
