@@ -71,8 +71,9 @@ def inference_params(params: Params) -> Params:
 
   The model keeps float32 parameters and casts its matrices (dense kernels, the short
   convolution, the embedding table) to the compute dtype where it uses them, on every call. For
-  inference, doing that once saves the cast, and half the weight bytes read, on every wake step:
-  `wake`, `sleep` and `Stream` give bit-identical results with the returned parameters. Norm
+  inference, doing that once saves the cast on every wake step (and, in bfloat16, half the weight
+  bytes read): `wake`, `sleep` and `Stream` give bit-identical results with the returned
+  parameters. Norm
   scales, decay parameters and the beta / alpha gates (computed in float32) stay float32. With
   float32 compute `params` is returned as it is. Not for training: gradients would come back in
   the compute dtype.

@@ -131,17 +131,29 @@ def test_inference_params_cast_once_and_change_no_bit(eviction):
   assert sj.inference_params(f32) is f32
 
 
-def test_bfloat16_stream_matches_the_public_functions():
-  """Stream computes with inference_params: with bf16 compute it still follows the plain
-  definition (the f32 parameters through wake / sleep_window), up to bf16 rounding."""
+def test_bfloat16_stream_computes_with_cast_weights_and_the_same_bits():
+  """Stream computes with inference_params: with bf16 compute its logits and state are
+  bit-identical to a stream that casts the float32 weights inside every step, and follow the
+  plain definition (the public functions window by window) up to bf16 rounding."""
   params = make("AG", "hard", dtype="bfloat16")
   stream_tokens = tokens((B, 2 * L + 3), seed=6)
+  cast, uncast = Stream(params, B, 2), Stream(params, B, 2)
+  # pylint: disable=protected-access
+  uncast._weights = params
+  assert jax.tree.leaves(cast._weights.weights)[0].dtype == jnp.bfloat16
+  # pylint: enable=protected-access
+  got = []
+  for stream in (cast, uncast):
+    # Uneven chunks that cross boundaries, then single tokens.
+    pieces = [stream_tokens[:, :5], stream_tokens[:, 5:L + 7]]
+    pieces += [stream_tokens[:, i:i + 1] for i in range(L + 7, stream_tokens.shape[1])]
+    got.append(jnp.concatenate([stream.feed(piece) for piece in pieces], axis=1))
+  np.testing.assert_array_equal(got[0], got[1])
+  for x, y in zip(jax.tree.leaves(cast.state), jax.tree.leaves(uncast.state)):
+    np.testing.assert_array_equal(x, y)
   ref_logits, ref_state = _reference_stream(params, stream_tokens, 2)
-  stream = Stream(params, B, 2, shortcut=False)
-  got = jnp.concatenate([stream.feed(stream_tokens[:, i:i + L])
-                         for i in range(0, stream_tokens.shape[1], L)], axis=1)
-  assert_close(got, ref_logits, tol=3e-2)
-  assert_close(stream.state, ref_state, tol=3e-2)
+  assert_close(got[0], ref_logits, tol=3e-2)
+  assert_close(cast.state, ref_state, tol=3e-2)
 
 
 # ----------------------------------------------------------------------------- streaming
