@@ -180,6 +180,9 @@ def validate(config: config_dict.ConfigDict) -> Run:
 
 # Fields that define what a checkpoint holds: a workdir cannot resume with other values.
 _RUN_IDENTITY = ("task", "model", "n", "seed", "data_seed")
+# Model fields that choose how the same model is computed (kernels, chunking, recomputation),
+# not what it is: a run may resume with other values, e.g. on another backend.
+_HOW_COMPUTED = ("chunk_size", "delta_impl", "attention_impl", "remat", "scan_layers")
 
 
 def _check_same_run(config: config_dict.ConfigDict, workdir: epath.Path) -> None:
@@ -193,7 +196,9 @@ def _check_same_run(config: config_dict.ConfigDict, workdir: epath.Path) -> None
   for field in _RUN_IDENTITY:
     old, new = saved.get(field), current.get(field)
     if isinstance(old, dict) and isinstance(new, dict):
-      changed += [f"{field}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      exempt = _HOW_COMPUTED if field == "model" else ()
+      changed += [f"{field}.{k}" for k in sorted(set(old) | set(new))
+                  if old.get(k) != new.get(k) and k not in exempt]
     elif old != new:
       changed.append(field)
   if changed:

@@ -140,6 +140,18 @@ def test_a_workdir_of_another_run_is_not_resumed(uninterrupted):
   assert saved_steps(reference) == [2, 4]
 
 
+def test_a_run_resumes_with_another_way_of_computing_the_same_model(uninterrupted, tmp_path):
+  """chunk_size, delta_impl, attention_impl, remat and scan_layers change how the model is
+  computed, not the checkpoint: the finished run is found and reported, nothing is retrained."""
+  reference, result = uninterrupted
+  workdir = str(tmp_path / "other_kernels")
+  shutil.copytree(reference, workdir)
+  again = trainer.train(smoke(**{"model.chunk_size": 4, "model.delta_impl": "scan",
+                                 "model.remat": "none"}), workdir)
+  assert again["step"] == 4 and again["loss"] == result["loss"]
+  assert saved_steps(workdir) == [2, 4]
+
+
 def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, monkeypatch):
   original = data.TrainBatches.__getitem__
 
