@@ -36,8 +36,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _AUTO_IMPL = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
 
 # Chunk length of the chunked form per backend, for callers that leave it to the library
-# (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 (and than
-# 16 forward+backward) at D = 32 and 64. GPU: 64, the size timed on the H200 and the one
+# (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 at D = 32
+# and 64, and than 16 forward+backward at D >= 64. GPU: 64, the size timed on the H200 and the one
 # flash-linear-attention uses. TPU: 64, not timed on a TPU; ahead-of-time compiles found 128
 # no better for memory at model level (the Pallas kernel alone wants 128 on TPU). Measurements
 # and the TPU compiles in docs/delta_rule.md.
