@@ -20,8 +20,8 @@ Variants (rows): `donated` (state and cache donated to the step, as the streamin
 `no_donation` (plain `jax.jit(sleep_jax.wake)`: every step copies the cache), and, where the
 compute dtype is not float32, `bf16_weights` (donated, with `sleep_jax.inference_params`: the
 weights the model casts to the compute dtype cast once instead of inside every step, which is
-what `Stream` computes with; results are bit-identical). Each timed call includes dispatch, as a real decode loop does.
-A PNG plots latency against context. Run from the repository root:
+what `Stream` computes with; results are bit-identical). Each timed call includes dispatch, as
+a real decode loop does. A PNG plots latency against context. Run from the repository root:
 
     python -m benchmarks.wake_latency                        # GPU sizes on a GPU, small on CPU
     python -m benchmarks.wake_latency --contexts=1024,131072 --runs=50

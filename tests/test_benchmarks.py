@@ -312,8 +312,9 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
   assert sum(caps) + 110 <= 440   # at least 110 s are always left for train_step
   # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
   code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
-          "benchmarks.train_step, benchmarks.ops; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-          "('grain', 'tensorflow_datasets', 'ml_collections', 'tensorflow')))")
+          "benchmarks.train_step, benchmarks.ops; print(sorted(m for m in sys.modules "
+          "if m.split('.')[0] in ('grain', 'tensorflow_datasets', 'ml_collections', "
+          "'tensorflow')))")
   loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
   assert loaded == "[]"
