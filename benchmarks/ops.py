@@ -21,7 +21,7 @@ relative to the largest output; the ratios at the end compare times within one s
 
 On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
 ``fla`` (PyTorch + Triton) can be imported; its FLOPs are counted as the chunked form's at
-chunk 64, the chunk it uses.
+its own chunk, 64.
 
     python -m benchmarks.ops                       # default shapes for the backend
     python -m benchmarks.ops --shapes=1x2048x4x64 --runs=9 --out=/tmp/ops.json
@@ -75,6 +75,8 @@ _PEAK = flags.DEFINE_float(
     "(H100/H200 989, TPU v5e 197, v5p 459, v6e 918); none on CPU.")
 _OUT = flags.DEFINE_string(
     "out", None, "JSON output path. Default benchmarks/results/ops_<backend>.json.")
+
+_FLA_CHUNK = 64  # the chunk flash-linear-attention's chunk_gated_delta_rule uses
 
 _CPU_SHAPES = ["1x16x4x64", "1x64x4x64", "1x256x4x64", "1x2048x4x64", "4x512x8x32"]
 _ACCEL_SHAPES = ["4x1024x16x128", "4x4096x16x128", "4x16384x16x128"]
@@ -131,18 +133,19 @@ def _compile(fn: Callable, args) -> tuple[Callable, float, int | None]:
   return compiled, compile_s, temp_bytes
 
 
-def _differences(fns: dict[str, Callable], args) -> dict[str, dict[str, Any]]:
-  """Each function's largest deviation from a reference implementation on the same inputs
-  (the scan, else the pure-JAX chunked form), relative to the reference's largest magnitude
-  over all outputs: a fast path that is fast but wrong shows here before its time is read."""
-  reference = next((name for name in ("scan", "chunked") if name in fns), None)
+def _differences(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Each implementation's largest deviation from a reference implementation's outputs on the
+  same inputs (the scan, else the pure-JAX chunked form), relative to the reference's largest
+  magnitude over all outputs: a fast path that is fast but wrong shows here before its time
+  is read."""
+  reference = next((name for name in ("scan", "chunked") if name in outputs), None)
   if reference is None:
-    return {name: {} for name in fns}
-  expected = [np.asarray(x, np.float64) for x in jax.tree.leaves(fns[reference](*args))]
+    return {name: {} for name in outputs}
+  expected = [np.asarray(x, np.float64) for x in jax.tree.leaves(outputs[reference])]
   magnitude = max(float(np.max(np.abs(x))) for x in expected)
   out = {}
-  for name, fn in fns.items():
-    got = [np.asarray(x, np.float64) for x in jax.tree.leaves(fn(*args))]
+  for name, result in outputs.items():
+    got = [np.asarray(x, np.float64) for x in jax.tree.leaves(result)]
     worst = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected))
     out[name] = {"max_diff": worst / magnitude, "diff_reference": reference}
   return out
@@ -228,7 +231,6 @@ def _rate_columns(flops: float, seconds: float, peak: float | None) -> tuple[dic
   return fields, f"{rate / 1e9:>9.1f} {percent:>7}"
 
 
-
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
   parts = text.lower().split("x")
   if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -279,7 +281,7 @@ def main(argv):
       # impl -> (fn, compile seconds, temp bytes), or ("skipped" | "error", why): one
       # implementation that fails to compile or run (a kernel the backend's compiler rejects)
       # leaves the others' rows intact.
-      compiled = {}
+      compiled, first_outputs = {}, {}
       for impl in impls:
         kept_gib = t * b * h * d * d * 4 / 2 ** 30
         if impl == "scan" and mode == "fwdbwd" and kept_gib > _SCAN_BWD_MAX_GIB.value:
@@ -288,11 +290,12 @@ def main(argv):
         try:
           compiled[impl] = _compile(_build(impl, mode, _RULE.value, chunk, cotangents),
                                     input_sets[0])
-          jax.block_until_ready(compiled[impl][0](*input_sets[0]))
+          first_outputs[impl] = jax.block_until_ready(compiled[impl][0](*input_sets[0]))
         except Exception as err:  # pylint: disable=broad-except
           compiled[impl] = ("error", "failed: " + common.describe_error(err))
       runnable = {i: c[0] for i, c in compiled.items() if callable(c[0])}
-      diffs = _differences(runnable, input_sets[0])
+      diffs = _differences(first_outputs)
+      del first_outputs
       times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
@@ -324,7 +327,7 @@ def main(argv):
       rows.append(row)
       if "median_ms" in fla:
         rate, rate_text = _rate_columns(
-            b * t * h * _flops_per_token_head("chunked", "gated_delta", d, d, min(64, t)),
+            b * t * h * _flops_per_token_head("chunked", "gated_delta", d, d, min(_FLA_CHUNK, t)),
             fla["median_ms"] / 1e3, peak)
         row.update(rate)
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7} {fla['median_ms']:>10.2f} "
