@@ -227,6 +227,23 @@ def test_wake_latency_smoke(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_wake_latency_summary_adds_the_cast_weights_ratios_where_that_variant_ran():
+  """On CPU the bf16_weights variant never runs (float32 compute), so its summary keys are
+  checked on made-up rows: the goals come from `donated`, the extra ratios from bf16_weights."""
+  times = {("sleep", "donated", 1): 10.0, ("sleep", "donated", 8): 11.0,
+           ("full_attention", "donated", 8): 60.0, ("sleep", "bf16_weights", 1): 8.0,
+           ("sleep", "bf16_weights", 8): 8.8, ("full_attention", "bf16_weights", 8): 55.0}
+  rows = [dict(model=m, variant=v, context=c, median_us=t) for (m, v, c), t in times.items()]
+  summary = wake_latency.summarise(rows, [1, 8])
+  assert summary["sleep_latency_8_over_1"] == pytest.approx(1.1)
+  assert summary["full_attention_over_sleep_at_8"] == pytest.approx(60 / 11)
+  assert summary["goal_sleep_5x_faster_than_full_attention_at_8"] is True
+  assert summary["bf16_weights_sleep_latency_8_over_1"] == pytest.approx(1.1)
+  assert summary["bf16_weights_full_attention_over_sleep_at_8"] == pytest.approx(55 / 8.8)
+  donated_only = wake_latency.summarise([r for r in rows if r["variant"] == "donated"], [1, 8])
+  assert not any(key.startswith("bf16_weights") for key in donated_only)
+
+
 def test_wake_latency_rejects_steps_that_overflow_the_window_cache():
   with pytest.raises(ValueError, match="--runs"):
     wake_latency.main(["--quick", "--contexts=7", "--window=8", "--runs=2", "--warmup=1"])

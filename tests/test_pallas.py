@@ -7,9 +7,8 @@ lowering is checked by exporting for CUDA (no GPU needed: it produces the Triton
 Mosaic one by compiling for a TPU v5e topology (needs libtpu, marked `tpu_aot`).
 """
 
-import importlib.util
-
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
