@@ -47,6 +47,12 @@ def _from_chunks(x: jax.Array) -> jax.Array:
   return x.reshape((b, n * c, h) + x.shape[4:])
 
 
+def _strictly_lower(chunk: int) -> jax.Array:
+  """[c, s] boolean mask of s < c."""
+  idx = jnp.arange(chunk)
+  return idx[:, None] > idx[None, :]
+
+
 def _segment_log_decays(log_alpha: jax.Array):
   """Log-decays inside each chunk, all float32 and <= 0.
 
@@ -66,8 +72,8 @@ def _segment_log_decays(log_alpha: jax.Array):
   # pairwise[c, s] is summed directly over its own tokens rather than taken as
   # from_start[c] - from_start[s]: the difference of two large cumulative sums would
   # lose relative accuracy when a chunk decays strongly.
-  strictly_after = idx[:, None] > idx[None, :]   # token i (rows) lies after s (cols)
-  terms = jnp.where(strictly_after, log_alpha[..., :, None], 0.0)
+  # Token i (rows) lies strictly after s (columns).
+  terms = jnp.where(_strictly_lower(chunk), log_alpha[..., :, None], 0.0)
   # A log-depth tree of adds: on CPU several times faster than cumsum's reduce-window.
   sums = jax.lax.associative_scan(jnp.add, terms, axis=-2)
   to_end = sums[..., -1, :]
@@ -209,9 +215,8 @@ def chunked_delta_rule(
 def _system_matrix(k, beta, decay, dtype):
   """``K K^T`` and ``A[c, s] = beta_c decay[c, s] (k_c . k_s)`` for ``s < c`` (0 elsewhere):
   the corrected values u solve ``(I + A) u = beta v - beta g k S_0`` within a chunk."""
-  idx = jnp.arange(k.shape[-2])
   gram = _matmul("nbhck,nbhsk->nbhcs", k, k, dtype)
-  return gram, jnp.where(idx[:, None] > idx[None, :], beta[..., None] * decay * gram, 0.0)
+  return gram, jnp.where(_strictly_lower(k.shape[-2]), beta[..., None] * decay * gram, 0.0)
 
 
 # ----------------------------------------------------------------------------- core
@@ -291,11 +296,9 @@ def _core_backward(rule, dtype, residuals, cotangents):
     inverse_t = jnp.swapaxes(inverse, -1, -2)
     d_rhs_v = _matmul_f32(inverse_t, d_u)
     d_rhs_k = _matmul_f32(inverse_t, d_w)
-    idx = jnp.arange(q.shape[-2])
-    strictly_lower = idx[:, None] > idx[None, :]
     d_a = -(_matmul_f32(d_rhs_v, jnp.swapaxes(u0, -1, -2))
             + _matmul_f32(d_rhs_k, jnp.swapaxes(w, -1, -2)))
-    d_a = jnp.where(strictly_lower, d_a, 0.0)
+    d_a = jnp.where(_strictly_lower(q.shape[-2]), d_a, 0.0)
     d_v = beta[..., None] * d_rhs_v
     d_bg = jnp.sum(d_rhs_k * kf, axis=-1)             # cotangent of beta * g
     d_k = d_k + (beta * g)[..., None] * d_rhs_k
