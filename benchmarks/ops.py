@@ -19,9 +19,11 @@ on CPU); float32 inputs are measured against the same bf16 peak. ``max diff`` is
 implementation's largest deviation from the scan (or the chunked form) on the first input set,
 relative to the largest output; the ratios at the end compare times within one shape and mode.
 
-On a GPU, flash-linear-attention's ``chunk_gated_delta_rule`` forward is timed too when
-``fla`` (PyTorch + Triton) can be imported; its FLOPs are counted as the chunked form's at
-its own chunk, 64.
+``fla`` is flash-linear-attention's ``chunk_gated_delta_rule`` (PyTorch + Triton; forward
+only, gated delta rule only; on by default on a GPU): timed after the JAX implementations of
+each shape, so their rows are written even if it runs out of time (its first call autotunes
+its Triton kernels, which took over a minute on an H200). Its FLOPs are counted as the chunked
+form's at its own chunk, 64; where it cannot run, its row says why.
 
     python -m benchmarks.ops                       # default shapes for the backend
     python -m benchmarks.ops --shapes=1x2048x4x64 --runs=9 --out=/tmp/ops.json
@@ -59,8 +61,9 @@ _CHUNK = flags.DEFINE_integer(
     "sleep_jax.ops.default_chunk_size).")
 _RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
 _IMPLS = flags.DEFINE_list(
-    "impls", None, "Implementations to time among scan, chunked, pallas, auto (default: scan, "
-    "chunked, and pallas on GPU/TPU; on CPU the Pallas kernel only runs in its slow interpreter).")
+    "impls", None, "Implementations to time among scan, chunked, pallas, auto, fla (default: "
+    "scan, chunked; plus pallas on GPU/TPU and fla on GPU; on CPU the Pallas kernel only runs in "
+    "its slow interpreter).")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed calls per row (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -246,10 +249,14 @@ def main(argv):
                                        (_ACCEL_SHAPES if accelerator else _CPU_SHAPES))]
   dtype_name = _DTYPE.value or ("bfloat16" if accelerator else "float32")
   dtype = jnp.dtype(dtype_name)
-  impls = _IMPLS.value or (["scan", "chunked", "pallas"] if accelerator else ["scan", "chunked"])
+  impls = _IMPLS.value or (["scan", "chunked"] + (["pallas"] if accelerator else [])
+                           + (["fla"] if backend == "gpu" else []))
   for name in impls:
-    if name not in ("scan", "chunked", "pallas", "auto"):
-      raise ValueError(f"--impls entries must be scan, chunked, pallas or auto, got {name!r}.")
+    if name not in ("scan", "chunked", "pallas", "auto", "fla"):
+      raise ValueError(f"--impls entries must be scan, chunked, pallas, auto or fla, got "
+                       f"{name!r}.")
+  time_fla = "fla" in impls and "fwd" in _MODES.value
+  impls = [name for name in impls if name != "fla"]
   for name in _MODES.value:
     if name not in ("fwd", "fwdbwd"):
       raise ValueError(f"--modes entries must be fwd or fwdbwd, got {name!r}.")
@@ -277,7 +284,7 @@ def main(argv):
     input_sets = [_make_inputs(rng, b, t, h, d, dtype) for _ in range(_INPUT_SETS.value)]
     cotangents = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
                   jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
-    for mode in _MODES.value:
+    for mode in _MODES.value if impls else ():
       # impl -> (fn, compile seconds, temp bytes), or ("skipped" | "error", why): one
       # implementation that fails to compile or run (a kernel the backend's compiler rejects)
       # leaves the others' rows intact.
@@ -320,8 +327,9 @@ def main(argv):
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7} {row['median_ms']:>10.2f} "
               f"{row['min_ms']:>9.2f} {rate_text} {temp:>9} {diff}")
     _write_json(out_path, rows, [], peak)   # partial results survive a later failure
-    if accelerator and _RULE.value == "gated_delta":
-      fla = _time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
+    if time_fla:
+      fla = (_time_fla(shape, dtype_name, _RUNS.value, _WARMUP.value)
+             if _RULE.value == "gated_delta" else {"error": "fla times the gated delta rule only"})
       row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": "fla", "mode": "fwd",
              "dtype": dtype_name, "rule": _RULE.value, **fla}
       rows.append(row)
@@ -334,6 +342,7 @@ def main(argv):
               f"{fla['min_ms']:>9.2f} {rate_text}")
       else:
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7}  {fla['error']}")
+      _write_json(out_path, rows, [], peak)
 
   ratios = []
   for shape in shapes:

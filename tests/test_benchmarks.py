@@ -314,19 +314,48 @@ def test_ops_keeps_the_other_rows_when_one_implementation_fails(tmp_path):
   assert rows["chunked"]["max_diff"] < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["gated_delta", "hebbian"])
+def test_ops_fla_alone_is_one_row_that_says_why_it_did_not_run(tmp_path, rule):
+  """`--impls=fla` compiles nothing of ours; on this CPU (no CUDA) the peer's row is an error
+  row naming the reason, and forward+backward asks nothing of fla (it is timed forward only)."""
+  out = tmp_path / "ops.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.ops", "--shapes=1x20x2x16", "--runs=1",
+                  "--modes=fwd,fwdbwd", "--impls=fla", f"--rule={rule}", f"--out={out}"],
+                 cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                 text=True, check=True)
+  rows = load(out)["rows"]
+  assert [(r["impl"], r["mode"]) for r in rows] == [("fla", "fwd")]
+  why = rows[0]["error"]
+  assert ("gated delta rule only" in why if rule == "hebbian"
+          else "not importable" in why or "needs CUDA" in why)
+
+
 def test_run_gpu_script_plan_and_import_path(tmp_path):
-  out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), str(tmp_path)],
-                       env=dict(os.environ, BENCH_DRY_RUN="1"), capture_output=True, text=True,
-                       check=True).stdout
-  lines = [l for l in out.splitlines() if ": timeout " in l]
+  script = os.path.join(ROOT, "benchmarks", "run_gpu.sh")
+
+  def plan(**env):
+    out = subprocess.run(["bash", script, str(tmp_path)],
+                         env=dict(os.environ, BENCH_DRY_RUN="1", **env), capture_output=True,
+                         text=True, check=True).stdout
+    return [l for l in out.splitlines() if ": timeout " in l]
+
+  lines = plan()
   assert [l.split(":")[0] for l in lines] == [
-      "== ops", "== ops_fwdbwd", "== attention", "== wake_latency", "== sleep_cost",
-      "== train_step"]
-  assert f"--out={tmp_path}/ops_gpu.json" in lines[0] and "--impls=chunked,pallas" in lines[0]
+      "== ops", "== ops_fwdbwd", "== wake_latency", "== train_step", "== sleep_cost",
+      "== attention"]
+  assert f"--out={tmp_path}/ops_gpu.json" in lines[0] and "--impls=chunked,pallas,fla" in lines[0]
   assert f"--out={tmp_path}/ops_gpu_fwdbwd.json" in lines[1]
   assert all(f"--out_dir={tmp_path}" in l for l in lines[2:])
-  caps = [int(l.split("timeout ")[1].split("s:")[0]) for l in lines[:-1]]
-  assert sum(caps) + 110 <= 440   # at least 110 s are always left for train_step
+  # The two runs the script's header recommends: the whole set, at most 6 minutes each.
+  halves = [plan(BENCH_STEPS="ops,ops_fwdbwd,wake_latency"),
+            plan(BENCH_STEPS="train_step,sleep_cost,attention")]
+  assert [l.split(":")[0] for l in halves[0] + halves[1]] == [l.split(":")[0] for l in lines]
+  for half in halves:
+    assert sum(int(l.split("timeout ")[1].split("s:")[0]) for l in half) <= 360
+  failed = subprocess.run(["bash", script, str(tmp_path)],
+                          env=dict(os.environ, BENCH_DRY_RUN="1", BENCH_STEPS="ops,train"),
+                          capture_output=True, text=True)
+  assert failed.returncode == 2 and "unknown step 'train'" in failed.stderr
   # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
   code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
           "benchmarks.train_step, benchmarks.ops; print(sorted(m for m in sys.modules "
