@@ -58,7 +58,8 @@ def dense_masks_forced() -> bool:
 
 
 def blocks_pay(window: int) -> bool:
-  """Whether the model should use `sliding_window_attention` (XLA path) for a window of L."""
+  """Whether the model should use `sliding_window_attention` for a window of L (measured on the
+  XLA path on CPU; `layers._blocked` says where the model uses it)."""
   return window >= MIN_BLOCKED_WINDOW
 
 

@@ -74,12 +74,17 @@ def rope(x: Array, positions, base: float) -> Array:
   return out.astype(x.dtype)
 
 
-def _blocked(cfg: ModelConfig) -> bool:
-  """Sliding windows by blocks of queries (`sleep_jax.attention`) on the XLA path, for windows
-  where blocks pay. cuDNN keeps one call: `local_window_size` without a cache (it skips the
-  masked tiles itself), the explicit mask with one."""
-  return (cfg.attention_impl != "cudnn" and attention.blocks_pay(cfg.window)
-          and not attention.dense_masks_forced())
+def _blocked(cfg: ModelConfig, with_cache: bool) -> bool:
+  """Sliding windows by blocks of queries (`sleep_jax.attention`), for windows where blocks pay.
+
+  On the XLA path always; on the cuDNN path only behind a cache, where the alternative is one
+  call with an explicit mask (on an H200, L = 2048, B = 4, 16 heads x 128, bf16, blocks made a
+  window pass 1.05x faster forward and 1.19x forward+backward). Without a cache cuDNN keeps one
+  call with `local_window_size`: it skips the masked tiles itself.
+  """
+  if cfg.attention_impl == "cudnn" and not with_cache:
+    return False
+  return attention.blocks_pay(cfg.window) and not attention.dense_masks_forced()
 
 
 class Attention(nn.Module):
@@ -110,7 +115,7 @@ class Attention(nn.Module):
       pos = jnp.arange(t)
       k = rope(k, pos, cfg.rope_base)
       q = rope(q, pos, cfg.rope_base)
-      if cfg.eviction == "sliding" and t > cfg.window and _blocked(cfg):
+      if cfg.eviction == "sliding" and t > cfg.window and _blocked(cfg, with_cache=False):
         out = attention.sliding_window_attention(q, k, v, window=cfg.window,
                                                  implementation=cfg.attention_impl)
       else:
@@ -128,7 +133,7 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                cache_length, axis=1)
       q = rope(q, q_pos, cfg.rope_base)
-      if cfg.eviction == "sliding" and _blocked(cfg):
+      if cfg.eviction == "sliding" and _blocked(cfg, with_cache=True):
         # Each block of queries attends to the slice of slots its window can reach.
         out = attention.sliding_window_attention(q, ck.astype(dt), cv.astype(dt),
                                                  window=cfg.window, q_start=cache_length,

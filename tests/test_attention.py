@@ -170,6 +170,22 @@ def test_block_size_choice():
   assert attention.blocks_pay(attention.MIN_BLOCKED_WINDOW)
 
 
+def test_where_the_model_attends_by_blocks():
+  """XLA: blocks with and without a cache. cuDNN: blocks behind a cache only (without one its
+  `local_window_size` skips the masked tiles itself). Short windows: one call everywhere."""
+  from sleep_jax import layers  # pylint: disable=g-import-not-at-top
+  window = attention.MIN_BLOCKED_WINDOW
+  for impl in (None, "xla"):
+    cfg = sj.ModelConfig(vocab_size=16, window=window, eviction="sliding", attention_impl=impl)
+    assert layers._blocked(cfg, with_cache=True) and layers._blocked(cfg, with_cache=False)
+    assert not layers._blocked(cfg.replace(window=window - 1), with_cache=True)
+  cudnn = sj.ModelConfig(vocab_size=16, window=window, eviction="sliding",
+                         attention_impl="cudnn")
+  assert layers._blocked(cudnn, with_cache=True)
+  assert not layers._blocked(cudnn, with_cache=False)
+  assert not layers._blocked(cudnn.replace(window=window - 1), with_cache=True)
+
+
 def test_bad_arguments_name_the_parameter():
   q, k, v = random_qkv(1, 4, 7, 2, 8, seed=0)
   with pytest.raises(ValueError, match="window"):
