@@ -88,7 +88,7 @@ step() {
     # row in 200 s.
     train_step) run train_step 150 -m benchmarks.train_step --out_dir="$OUT_DIR" \
            --configs=350m --passes=1 ;;
-    # One window: two windows' 14 functions did not finish compiling in 90 s.
+    # One window: two windows' 20 functions did not finish compiling in 90 s.
     sleep_cost) run sleep_cost 120 -m benchmarks.sleep_cost --out_dir="$OUT_DIR" --windows=2048 ;;
     # Full vs sliding at 4K and 16K, then the blocked sliding-window table: 61 s reached the
     # blocked table's first rows.

@@ -31,8 +31,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # What "auto" runs on each backend (measurements in docs/delta_rule.md). On CPU the
 # per-token scan is the faster forward pass (about 2x at T=2048, H=4, D=64), but its
 # backward pass is 6-7x slower there and keeps one state per token, so the chunked form
-# wins wherever gradients are taken. On GPU the chunked form is 9-11x faster forward and
-# 13-17x forward+backward (H200); TPUs, like GPUs, need its matrix products.
+# wins wherever gradients are taken. On GPU (H200, B=4, H=16, D=128) the chunked form is
+# 21.5x faster forward+backward than the scan and 1.23x faster than the Pallas kernels,
+# which are 1.3x faster forward only. TPUs, like GPUs, need its matrix products.
 _AUTO_IMPL = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
 
 # Chunk length of the chunked form per backend, for callers that leave it to the library
