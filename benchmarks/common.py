@@ -455,14 +455,14 @@ def print_digest(folder: str) -> None:
   """Prints the main table and summary of every result JSON in `folder` (run_gpu.sh's end)."""
   # The scripts import this module: import them here, when a digest is asked for.
   # pylint: disable-next=g-import-not-at-top
-  from benchmarks import attention, sleep_cost, train_step, wake_latency
+  from benchmarks import attention, profile, sleep_cost, train_step, wake_latency
   ops_columns = (("B", "B", "d"), ("T", "T", "d"), ("H", "H", "d"), ("Dk", "D", "d"),
                  ("impl", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".3f"),
                  ("gflops_per_s", "GFLOP/s", ".4g"), ("fraction_of_peak", "of peak", ".2%"),
                  ("max_diff", "max diff", ".2e"),
                  ("skipped", "skipped", ""),
                  ("error", "error", ""))
-  for name in ("ops", "attention", "wake_latency", "sleep_cost", "train_step"):
+  for name in ("ops", "profile", "attention", "wake_latency", "sleep_cost", "train_step"):
     paths = sorted(p for p in os.listdir(folder)
                    if p.startswith(name + "_") and p.endswith(".json"))
     for path in paths:
@@ -490,10 +490,12 @@ def print_digest(folder: str) -> None:
         print(format_table(wake_latency.pivot(rows, contexts), wake_latency.COLUMNS))
       elif name == "sleep_cost":
         print(format_table(rows, sleep_cost.COLUMNS))
+      elif name == "profile":
+        print(format_table(rows, profile.TOP_COLUMNS))
       else:
         print(format_table(rows, train_step.COLUMNS))
       for key, value in data.get("summary", {}).items():
-        if key != "speedups":
+        if key not in ("speedups", "lines"):
           print(f"  {key}: {value}")
 
 

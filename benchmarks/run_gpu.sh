@@ -5,19 +5,19 @@
 #   bash benchmarks/run_gpu.sh [OUT_DIR]
 #
 # OUT_DIR defaults to $OUT if set, else benchmarks/results. It receives ops_gpu.json (forward at
-# the goal shapes, with flash-linear-attention), ops_gpu_fwdbwd.json, wake_latency_gpu.json and
-# .png, train_step_gpu.json, sleep_cost_gpu.json, attention_gpu.json, attention_blocks_gpu.json
-# and run_gpu.log. Each script runs under `timeout` with at most its own cap and at most what is
+# the goal shapes, with flash-linear-attention), ops_gpu_fwdbwd.json, four profile_*_gpu.json,
+# wake_latency_gpu.json and .png, train_step_gpu.json, sleep_cost_gpu.json, attention_gpu.json,
+# attention_blocks_gpu.json and run_gpu.log. Each script runs under `timeout` with at most its own cap and at most what is
 # left of the budget, and writes its JSON after every row, so a script that runs out of time
 # still leaves its finished rows.
 #
-# On a fresh H200 (no compilation cache) the whole set needs up to 12 minutes (the steps' caps
+# On a fresh H200 (no compilation cache) the whole set needs up to 13.5 minutes (the steps' caps
 # below), mostly XLA and Triton compilation (docs/performance.md): more than the default 440 s
-# budget, which covers the first three steps and part of the fourth. The whole set in two runs
-# of at most 6 minutes each:
+# budget, which covers the first three steps and part of the fourth. Everything but the
+# attention tables (measured on an H200 already) in two runs of at most 6 minutes each:
 #
-#   BENCH_STEPS=ops,ops_fwdbwd,wake_latency bash benchmarks/run_gpu.sh OUT_DIR
-#   BENCH_STEPS=train_step,sleep_cost,attention bash benchmarks/run_gpu.sh OUT_DIR
+#   BENCH_STEPS=ops,ops_fwdbwd,profile bash benchmarks/run_gpu.sh OUT_DIR
+#   BENCH_STEPS=wake_latency,train_step,sleep_cost bash benchmarks/run_gpu.sh OUT_DIR
 #
 # Needs jax with CUDA, flax, optax and matplotlib, nothing from the task/data pipelines, and fla
 # (flash-linear-attention) for the peer's rows, which are error rows without it.
@@ -43,7 +43,7 @@ start=$(date +%s)
 
 # The steps, in the default order. Each has a cap in seconds: what it took on a fresh H200 plus
 # a margin where that was measured (docs/performance.md, "GPU results").
-STEP_NAMES=(ops ops_fwdbwd wake_latency train_step sleep_cost attention)
+STEP_NAMES=(ops ops_fwdbwd profile wake_latency train_step sleep_cost attention)
 STEPS="${BENCH_STEPS:-$(IFS=,; echo "${STEP_NAMES[*]}")}"
 for name in ${STEPS//,/ }; do
   if [[ " ${STEP_NAMES[*]} " != *" $name "* ]]; then
@@ -80,6 +80,16 @@ step() {
     # Forward+backward against the per-token scan at T = 4K: about 105 s, 81 s of it compiling.
     ops_fwdbwd) run ops_fwdbwd 120 -m benchmarks.ops --out="$OUT_DIR/ops_gpu_fwdbwd.json" \
            --runs=5 --modes=fwdbwd --impls=scan,chunked,pallas --shapes=4x4096x16x128 ;;
+    # Where the time of one call goes (benchmarks/profile.py): the op's two forms at 16K, and the
+    # wake steps compared by wake_latency at its largest context. Not yet run on a GPU.
+    profile)
+      run profile_op_pallas 30 -m benchmarks.profile --target=op --impl=pallas \
+        --out="$OUT_DIR/profile_op_pallas_gpu.json"
+      run profile_op_chunked 20 -m benchmarks.profile --target=op --impl=chunked \
+        --out="$OUT_DIR/profile_op_chunked_gpu.json"
+      run profile_wake 20 -m benchmarks.profile --target=wake --out="$OUT_DIR/profile_wake_gpu.json"
+      run profile_full 20 -m benchmarks.profile --target=full --out="$OUT_DIR/profile_full_gpu.json"
+      ;;
     # At a size whose compilation fits: 76 s in all (the script's GPU default, d = 2048 with 8
     # blocks, did not finish compiling in 180 s).
     wake_latency) run wake_latency 90 -m benchmarks.wake_latency --out_dir="$OUT_DIR" \

@@ -18,6 +18,7 @@ from sleep_jax import ops
 
 from benchmarks import attention
 from benchmarks import common
+from benchmarks import profile
 from benchmarks import sleep_cost
 from benchmarks import train_step
 from benchmarks import wake_latency
@@ -340,16 +341,21 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
     return [l for l in out.splitlines() if ": timeout " in l]
 
   lines = plan()
-  assert [l.split(":")[0] for l in lines] == [
-      "== ops", "== ops_fwdbwd", "== wake_latency", "== train_step", "== sleep_cost",
-      "== attention"]
+  profiles = ["== profile_op_pallas", "== profile_op_chunked", "== profile_wake",
+              "== profile_full"]
+  assert [l.split(":")[0] for l in lines] == ["== ops", "== ops_fwdbwd", *profiles,
+                                              "== wake_latency", "== train_step",
+                                              "== sleep_cost", "== attention"]
   assert f"--out={tmp_path}/ops_gpu.json" in lines[0] and "--impls=chunked,pallas,fla" in lines[0]
   assert f"--out={tmp_path}/ops_gpu_fwdbwd.json" in lines[1]
-  assert all(f"--out_dir={tmp_path}" in l for l in lines[2:])
-  # The two runs the script's header recommends: the whole set, at most 6 minutes each.
-  halves = [plan(BENCH_STEPS="ops,ops_fwdbwd,wake_latency"),
-            plan(BENCH_STEPS="train_step,sleep_cost,attention")]
-  assert [l.split(":")[0] for l in halves[0] + halves[1]] == [l.split(":")[0] for l in lines]
+  assert all(f"--out={tmp_path}/profile_" in l for l in lines[2:6])
+  assert all(f"--out_dir={tmp_path}" in l for l in lines[6:])
+  # The two runs the script's header recommends: all but the attention tables, at most 6
+  # minutes each.
+  halves = [plan(BENCH_STEPS="ops,ops_fwdbwd,profile"),
+            plan(BENCH_STEPS="wake_latency,train_step,sleep_cost")]
+  assert [l.split(":")[0] for l in halves[0] + halves[1]] == [l.split(":")[0]
+                                                            for l in lines[:-1]]
   for half in halves:
     assert sum(int(l.split("timeout ")[1].split("s:")[0]) for l in half) <= 360
   failed = subprocess.run(["bash", script, str(tmp_path)],
@@ -358,9 +364,76 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
   assert failed.returncode == 2 and "unknown step 'train'" in failed.stderr
   # The benchmarks must not pull in the data pipeline (the GPU image has no grain or tfds).
   code = ("import sys, benchmarks.attention, benchmarks.wake_latency, benchmarks.sleep_cost, "
-          "benchmarks.train_step, benchmarks.ops; print(sorted(m for m in sys.modules "
-          "if m.split('.')[0] in ('grain', 'tensorflow_datasets', 'ml_collections', "
+          "benchmarks.train_step, benchmarks.ops, benchmarks.profile; print(sorted(m for m in "
+          "sys.modules if m.split('.')[0] in ('grain', 'tensorflow_datasets', 'ml_collections', "
           "'tensorflow')))")
   loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
   assert loaded == "[]"
+
+
+def _trace(*lines):
+  """Chrome-trace events: (pid, process, tid, thread, [(ts, dur, name)...]) per line."""
+  events = []
+  for pid, process, tid, thread, spans in lines:
+    events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": process}})
+    events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                   "args": {"name": thread}})
+    events += [{"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
+               for ts, dur, name in spans]
+  return events
+
+
+def test_profile_summary_of_a_gpu_like_trace():
+  """Kernel lines are the device's streams (not its derived 'XLA Ops' line, not the host);
+  busy time is the union of intervals; counts and times are per call (2 calls here)."""
+  events = _trace(
+      (1, "/host:CPU", 7, "python", [(0, 100, "PjitFunction(step)")]),
+      (2, "/device:GPU:0", 1, "Stream #13(Compute)",
+       [(10, 5, "fusion.1"), (20, 5, "fusion.1"), (30, 8, "gemm"), (50, 5, "fusion.1"),
+        (60, 5, "fusion.1"), (70, 8, "gemm")]),
+      (2, "/device:GPU:0", 2, "Stream #14(MemcpyD2D)", [(32, 10, "MemcpyD2D")]),
+      (2, "/device:GPU:0", 3, "XLA Ops", [(10, 70, "fusion.1")]))
+  lines = profile.lines_of(events)
+  assert profile.kernel_lines(lines) == [("/device:GPU:0", "Stream #13(Compute)"),
+                                         ("/device:GPU:0", "Stream #14(MemcpyD2D)")]
+  out = profile.summarise(lines, calls=2, top=2)
+  compute, copy = out["lines"]
+  assert compute["events_per_call"] == 3 and compute["busy_us_per_call"] == (4 * 5 + 2 * 8) / 2
+  assert copy["events_per_call"] == 0.5 and copy["busy_us_per_call"] == 5
+  assert out["events_per_call"] == 3.5 and out["busy_us_per_call"] == 18 + 5
+  assert [r["name"] for r in out["top"]] == ["fusion.1", "gemm"]    # by time: 20 us, then 16
+  first = out["top"][0]
+  assert first["events_per_call"] == 2 and first["us_per_call"] == 10 and first["mean_us"] == 5
+  assert first["share"] == pytest.approx(20 / 46)
+
+
+def test_profile_cpu_lines_skip_wrappers_and_bookkeeping():
+  """Without a device process the XLA client threads are the kernel lines; a loop enclosing
+  its body, the executor's wait and end markers are not work; overlapping events count once."""
+  events = _trace(
+      (1, "/host:CPU", 7, "python", [(0, 500, "PjitFunction(step)")]),
+      (1, "/host:CPU", 8, "tf_XLAPjRtCpuClient/1",
+       [(0, 100, "ThunkExecutor::Execute (wait for completion)"), (10, 60, "while.3"),
+        (12, 20, "dot.1"), (40, 25, "fusion.2"), (65, 0.5, "end: fusion.2"),
+        (80, 10, "copy.4"), (85, 10, "copy.5")]))
+  lines = profile.lines_of(events)
+  assert profile.kernel_lines(lines) == [("/host:CPU", "tf_XLAPjRtCpuClient/1")]
+  out = profile.summarise(lines, calls=1, top=10)
+  assert sorted(r["name"] for r in out["top"]) == ["copy.4", "copy.5", "dot.1", "fusion.2"]
+  assert out["busy_us_per_call"] == 20 + 25 + 15                   # copies overlap by 5 us
+  assert profile.busy_us([(0, 10, "a"), (2, 3, "b"), (20, 5, "c")]) == 15
+
+
+def test_profile_runs_each_target_on_cpu(tmp_path):
+  for target in profile.TARGETS:
+    out = tmp_path / f"{target}.json"
+    profile.main([f"--target={target}", "--runs=2", "--warmup=1", "--top=3", f"--out={out}",
+                  "--shape=1x64x2x16", "--d_model=32", "--heads=2", "--window=16",
+                  "--context=40"])
+    data = load(out)
+    summary = data["summary"]
+    assert summary["target"] == target and summary["wall_us_per_call"] > 0
+    assert summary["events_per_call"] > 0 and summary["busy_us_per_call"] > 0
+    assert 1 <= len(data["rows"]) <= 3
+    assert all(r["us_per_call"] > 0 and r["events_per_call"] > 0 for r in data["rows"])
