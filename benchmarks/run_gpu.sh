@@ -7,13 +7,13 @@
 # OUT_DIR defaults to $OUT if set, else benchmarks/results. It receives ops_gpu.json (forward at
 # the goal shapes, with flash-linear-attention), ops_gpu_fwdbwd.json, four profile_*_gpu.json,
 # wake_latency_gpu.json and .png, train_step_gpu.json, sleep_cost_gpu.json, attention_gpu.json,
-# attention_blocks_gpu.json and run_gpu.log. Each script runs under `timeout` with at most its own cap and at most what is
-# left of the budget, and writes its JSON after every row, so a script that runs out of time
-# still leaves its finished rows.
+# attention_blocks_gpu.json and run_gpu.log. Each script runs under `timeout`, for at most its
+# own cap and at most what is left of the budget, and writes its JSON after every row, so a
+# script that runs out of time still leaves its finished rows.
 #
 # On a fresh H200 (no compilation cache) the whole set needs up to 13.5 minutes (the steps' caps
 # below), mostly XLA and Triton compilation (docs/performance.md): more than the default 440 s
-# budget, which covers the first three steps and part of the fourth. Everything but the
+# budget, which covers the first three steps and most of the fourth. Everything but the
 # attention tables (measured on an H200 already) in two runs of at most 6 minutes each:
 #
 #   BENCH_STEPS=ops,ops_fwdbwd,profile bash benchmarks/run_gpu.sh OUT_DIR
@@ -74,7 +74,8 @@ run() {
 step() {
   case $1 in
     # The op's goals. Forward at T = 4K and 16K against fla (the pure-JAX rows took about 45 s;
-    # fla's first call autotunes its Triton kernels, over 60 s, not finished in any run yet).
+    # fla's first call autotunes its Triton kernels for over a minute: not finished in any run
+    # yet).
     ops) run ops 150 -m benchmarks.ops --out="$OUT_DIR/ops_gpu.json" --runs=5 --modes=fwd \
            --impls=chunked,pallas,fla --shapes=4x4096x16x128,4x16384x16x128 ;;
     # Forward+backward against the per-token scan at T = 4K: about 105 s, 81 s of it compiling.
@@ -91,7 +92,7 @@ step() {
       run profile_full 20 -m benchmarks.profile --target=full --out="$OUT_DIR/profile_full_gpu.json"
       ;;
     # At a size whose compilation fits: 76 s in all (the script's GPU default, d = 2048 with 8
-    # blocks, did not finish compiling in 180 s).
+    # blocks, did not finish compiling in an earlier run's 180 s for the model-level scripts).
     wake_latency) run wake_latency 90 -m benchmarks.wake_latency --out_dir="$OUT_DIR" \
            --d_model=1024 --heads=8 --layout=AGAG --window=1024 --variants=donated,bf16_weights ;;
     # The MFU goal's row and its cuDNN twin only: all 13 default steps compiling at once gave no
