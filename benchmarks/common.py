@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from sleep_jax import attention
+from sleep_jax import train_lib
 
 RESULTS_DIR = os.path.join("benchmarks", "results")
 
@@ -300,15 +301,7 @@ def random_tokens(rng: np.random.Generator, shape: tuple[int, ...], vocab: int, 
 # ----------------------------------------------------------------------------- model FLOPs
 
 
-def delta_flops_per_token_head(rule: str, dk: int, dv: int, chunk: int) -> int:
-  """Matmul FLOPs of the chunked fast-weight op per token per head (docs/delta_rule.md):
-  `6 Dk Dv + C (6 Dk + 4 Dv)` for the gated delta rule, `4 Dk Dv + 2 C (Dk + Dv)` for the
-  Hebbian rule; a single token (decode step) costs `6 Dk Dv` or `4 Dk Dv`."""
-  if chunk <= 1:
-    return (6 if rule == "gated_delta" else 4) * dk * dv
-  if rule == "gated_delta":
-    return 6 * dk * dv + chunk * (6 * dk + 4 * dv)
-  return 4 * dk * dv + 2 * chunk * (dk + dv)
+delta_flops_per_token_head = train_lib.delta_rule_flops_per_token_head
 
 
 def attention_pairs(t: int, *, prefix: int = 0, window: Optional[int] = None) -> int:

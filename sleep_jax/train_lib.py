@@ -38,6 +38,17 @@ class TrainState:
 # ----------------------------------------------------------------------------- FLOPs
 
 
+def delta_rule_flops_per_token_head(rule: str, dk: int, dv: int, chunk: int) -> int:
+  """Matmul FLOPs of the chunked fast-weight op per token per head (docs/delta_rule.md):
+  `6 Dk Dv + C (6 Dk + 4 Dv)` for the gated delta rule, `4 Dk Dv + 2 C (Dk + Dv)` for the
+  Hebbian rule; a single token (decode step) costs `6 Dk Dv` or `4 Dk Dv`."""
+  if chunk <= 1:
+    return (6 if rule == "gated_delta" else 4) * dk * dv
+  if rule == "gated_delta":
+    return 6 * dk * dv + chunk * (6 * dk + 4 * dv)
+  return 4 * dk * dv + 2 * chunk * (dk + dv)
+
+
 def forward_flops_per_token(config: ModelConfig, context: int) -> float:
   """Matmul FLOPs (2 per multiply-add) of one pass of the block stack, per token.
 
@@ -53,9 +64,8 @@ def forward_flops_per_token(config: ModelConfig, context: int) -> float:
     else:
       total += 2 * m * h * d * 5          # fused qkv (3), output gate, o
       total += 2 * m * h * 2              # beta and alpha gates
-      chunk = min(config.resolved_chunk_size, context)
-      # Chunkwise gated delta rule, per head: about 6 Dk Dv + C (6 Dk + 4 Dv) (docs/delta_rule.md).
-      total += h * (6 * d * d + chunk * (6 * d + 4 * d))
+      total += h * delta_rule_flops_per_token_head(
+          config.rule, d, d, min(config.resolved_chunk_size, context))
     if has_mlp:
       total += 2 * m * config.resolved_mlp_dim * 3
   return total

@@ -143,6 +143,21 @@ def test_flop_accounting_by_hand():
   assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0])
 
 
+@pytest.mark.parametrize("rule", ["gated_delta", "hebbian"])
+def test_fast_weight_flops_by_hand(rule):
+  """One fast-weight block without MLP, d = 8, two heads of 4, chunk 4, a 6-token context."""
+  cfg = sj.ModelConfig(vocab_size=3, d_model=8, num_heads=2, layout="g", window=6, rule=rule,
+                       chunk_size=4)
+  projections = 2 * 8 * 2 * 4 * 5 + 2 * 8 * 2 * 2     # qkv, gate, o; beta and alpha gates
+  op = (6 * 4 * 4 + 4 * (6 * 4 + 4 * 4) if rule == "gated_delta"   # per head, chunk C = 4
+        else 4 * 4 * 4 + 2 * 4 * (4 + 4))
+  assert train_lib.forward_flops_per_token(cfg, 6) == projections + 2 * op
+  # A context shorter than the chunk runs as one chunk of its own length.
+  short = (6 * 4 * 4 + 2 * (6 * 4 + 4 * 4) if rule == "gated_delta"
+           else 4 * 4 * 4 + 2 * 2 * (4 + 4))
+  assert train_lib.forward_flops_per_token(cfg, 2) == projections + 2 * short
+
+
 @pytest.mark.parametrize("task, arg", ALL)
 def test_every_config_validates(task, arg):
   run = trainer.validate(configs.get(task, arg))
