@@ -73,10 +73,9 @@ def inference_params(params: Params) -> Params:
   convolution, the embedding table) to the compute dtype where it uses them, on every call. For
   inference, doing that once saves the cast on every wake step (and, in bfloat16, half the weight
   bytes read): `wake`, `sleep` and `Stream` give bit-identical results with the returned
-  parameters. Norm
-  scales, decay parameters and the beta / alpha gates (computed in float32) stay float32. With
-  float32 compute `params` is returned as it is. Not for training: gradients would come back in
-  the compute dtype.
+  parameters. Norm scales, decay parameters and the beta / alpha gates (computed in float32)
+  stay float32. With float32 compute `params` is returned as it is. Not for training: gradients
+  would come back in the compute dtype.
   """
   _check_params(params)
   dtype = params.config.compute_dtype
