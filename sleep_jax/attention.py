@@ -190,3 +190,84 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ValueError(f"sliding_window_attention: {name} must be an integer >= {minimum}, "
                      f"got {value!r}")
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+# Splash tiles are multiples of the TPU's 128 lanes. The tile edge is the largest of these that
+# divides the sequence padded to a multiple of 128 (512 is the tile size MaxText's splash defaults
+# use on v5e/v5p; not tuned here, no TPU to time on).
+SPLASH_TILES = (512, 256, 128)
+_LANES = 128
+
+
+def splash_attention(q: Array, k: Array, v: Array, *, window: Optional[int] = None) -> Array:
+  """Causal attention of t tokens to themselves (no cache) by JAX's splash-attention kernel.
+
+  The kernel (`jax.experimental.pallas.ops.tpu.splash_attention`, Pallas/Mosaic) takes the mask as
+  a static pattern and skips every tile the mask removes: about half the score tiles for causal
+  attention, all but about (L + tile) / t of them for a window of L over t >> L tokens. On a TPU it
+  runs the Mosaic kernel (also when compiling ahead of time for a TPU topology from another host:
+  `jax.lax.platform_dependent` picks it at lowering); on any other backend the Pallas interpreter
+  runs the same kernel, slowly (tests).
+
+  Args:
+    q, k, v: [b t h d], the tokens' own queries, keys and values (slots 0 .. t - 1).
+    window: None for plain causal attention; else L >= 1, the query at slot p sees slots
+      p - L < s <= p (as `local_window_size=(L - 1, 0)` and `sliding_window_mask`).
+
+  Returns:
+    [b t h d] in q's dtype; scores scaled by d^-1/2, softmax in float32. The sequence is padded to
+    a multiple of 128 with tokens after every real one, which no real query sees.
+
+  Under a mesh set with `jax.set_mesh` (as `experiments.train` and `experiments.aot` do), the
+  kernel runs per device inside `jax.shard_map`, batch over ("data", "fsdp") and heads over
+  "tensor" where they divide. Without one, a multi-device jit fails to lower it on a TPU
+  (XLA cannot partition a Mosaic kernel): set the mesh around the jitted call.
+  """
+  if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"splash_attention: q, k, v of one shape [b t h d] expected, got q "
+                     f"{q.shape}, k {k.shape}, v {v.shape}")
+  if window is not None:
+    _check_int("window", window)
+  t, d = q.shape[1], q.shape[3]
+  padded = -(-t // _LANES) * _LANES
+  tile = next(n for n in SPLASH_TILES if padded % n == 0)
+  q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+
+  def heads_first(x):  # [b t h d] -> [b h T d]
+    return jnp.pad(x, [(0, 0), (0, padded - t), (0, 0), (0, 0)]).transpose(0, 2, 1, 3)
+
+  def attend(q, k, v):  # one device's share of the batch and heads
+    heads = q.shape[2]
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    mosaic = _splash_kernel(padded, heads, window, tile, interpret=False)
+    interpreted = _splash_kernel(padded, heads, window, tile, interpret=True)
+    out = jax.lax.platform_dependent(q, k, v, tpu=jax.vmap(mosaic),
+                                     default=jax.vmap(interpreted))
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return attend(q, k, v)
+  # A Mosaic kernel cannot be partitioned by XLA: under a mesh each device runs it on its own
+  # batch rows and heads (the model's layout, `sleep_jax.sharding`).
+  from sleep_jax import sharding  # pylint: disable=g-import-not-at-top
+  spec = sharding.activation_spec(q.shape, ("batch", "length", "heads", "head_dim"), mesh)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def _splash_kernel(length: int, heads: int, window: Optional[int], tile: int, *, interpret: bool):
+  """The splash kernel (forward and backward) for [h T d] inputs. Built at every trace: the
+  NumPy layout of the mask's tiles, the costly part, is cached by JAX per mask and tile shape;
+  the kernel itself holds arrays of the trace that builds it."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  shape = (length, length)
+  mask = (splash.CausalMask(shape) if window is None
+          else splash.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+  tiles = splash.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile,
+                            block_q_dkv=tile, block_kv_dkv=tile, block_kv_dkv_compute=tile,
+                            block_q_dq=tile, block_kv_dq=tile)
+  return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), head_shards=1,
+                                q_seq_shards=1, block_sizes=tiles, interpret=interpret)

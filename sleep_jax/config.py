@@ -26,7 +26,7 @@ RULES = ("gated_delta", "hebbian")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DELTA_IMPLS = ("auto", "scan", "chunked", "pallas")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 def _fail(field: str, message: str) -> None:
@@ -69,7 +69,11 @@ class ModelConfig:
       Compiling ahead of time for another platform than the host's (a TPU topology from a CPU
       host), set it (and `dtype`) explicitly.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose, and JAX
-      0.10 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU).
+      0.10 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU). "splash": on
+      a TPU, passes without a window cache (training and `sleep` under hard eviction) run JAX's
+      splash-attention kernel, which skips the tiles the causal or sliding mask removes; passes
+      behind a cache attend by XLA. Elsewhere the same kernel runs in the Pallas interpreter
+      (slow; for tests).
     scan_layers: run the blocks of a pass over more than one token as a `lax.scan` over the
       repeats of the layout's unit (e.g. "AG" for "AG" * 12): the compiled program holds one
       copy of the unit instead of every block, so it compiles several times faster. Parameters

@@ -80,11 +80,17 @@ def _blocked(cfg: ModelConfig, with_cache: bool) -> bool:
   On the XLA path always; on the cuDNN path only behind a cache, where the alternative is one
   call with an explicit mask (on an H200, L = 2048, B = 4, 16 heads x 128, bf16, blocks made a
   window pass 1.05x faster forward and 1.19x forward+backward). Without a cache cuDNN keeps one
-  call with `local_window_size`: it skips the masked tiles itself.
+  call with `local_window_size`: it skips the masked tiles itself; so does the splash kernel.
   """
-  if cfg.attention_impl == "cudnn" and not with_cache:
+  if cfg.attention_impl in ("cudnn", "splash") and not with_cache:
     return False
   return attention.blocks_pay(cfg.window) and not attention.dense_masks_forced()
+
+
+def _dense_impl(cfg: ModelConfig) -> Optional[str]:
+  """The `jax.nn.dot_product_attention` implementation behind a window cache. Splash needs a
+  static mask, and the cache length is traced: "splash" attends there by XLA."""
+  return None if cfg.attention_impl == "splash" else cfg.attention_impl
 
 
 class Attention(nn.Module):
@@ -97,6 +103,9 @@ class Attention(nn.Module):
   Under sliding eviction on the XLA path, windows of at least `attention.MIN_BLOCKED_WINDOW`
   tokens attend by blocks of queries (`attention.sliding_window_attention`), each to the key
   slots its window reaches, instead of scoring every cache slot and masking most of them.
+  With `attention_impl="splash"` a pass without a cache (causal, or a sliding window over more
+  than L tokens) runs the splash kernel (`attention.splash_attention`), which skips masked tiles;
+  behind a cache it attends as the XLA path does.
   """
 
   config: ModelConfig
@@ -115,11 +124,14 @@ class Attention(nn.Module):
       pos = jnp.arange(t)
       k = rope(k, pos, cfg.rope_base)
       q = rope(q, pos, cfg.rope_base)
-      if cfg.eviction == "sliding" and t > cfg.window and _blocked(cfg, with_cache=False):
+      sliding = cfg.eviction == "sliding" and t > cfg.window
+      if cfg.attention_impl == "splash":
+        out = attention.splash_attention(q, k, v, window=cfg.window if sliding else None)
+      elif sliding and _blocked(cfg, with_cache=False):
         out = attention.sliding_window_attention(q, k, v, window=cfg.window,
                                                  implementation=cfg.attention_impl)
       else:
-        local = (cfg.window - 1, 0) if (cfg.eviction == "sliding" and t > cfg.window) else None
+        local = (cfg.window - 1, 0) if sliding else None
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                            implementation=cfg.attention_impl)
       # As a cache starting at slot 0 would hold them: keys rotated by their slot.
@@ -137,7 +149,7 @@ class Attention(nn.Module):
         # Each block of queries attends to the slice of slots its window can reach.
         out = attention.sliding_window_attention(q, ck.astype(dt), cv.astype(dt),
                                                  window=cfg.window, q_start=cache_length,
-                                                 implementation=cfg.attention_impl)
+                                                 implementation=_dense_impl(cfg))
       else:
         k_pos = jnp.arange(ck.shape[1])
         if cfg.eviction == "sliding":
@@ -145,7 +157,7 @@ class Attention(nn.Module):
         else:
           visible = k_pos[None, :] <= q_pos[:, None]
         out = attention.masked_attention(q, ck.astype(dt), cv.astype(dt), visible,
-                                         implementation=cfg.attention_impl)
+                                         implementation=_dense_impl(cfg))
       new_cache = {"k": ck, "v": cv}
     y = _dense(cfg.d_model, dt, "o")(out.reshape(b, t, h * d))
     return y, new_cache

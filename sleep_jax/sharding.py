@@ -172,6 +172,12 @@ def _spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh: Mesh) ->
   return P(*spec)
 
 
+def activation_spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh) -> P:
+  """PartitionSpec of an activation with these logical axes on `mesh` (a `Mesh` or the
+  `AbstractMesh` seen while tracing), as the model's shardings lay it out."""
+  return _spec(shape, logical, mesh)
+
+
 def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -297,3 +297,86 @@ def test_benchmark_tables_of_blocks_and_model(tmp_path):
   assert {(r["mask"], r["mode"]) for r in model["rows"]} == {
       (p, w) for p in ("blocks", "mask") for w in ("window_pass", "loss_grad")}
   assert len(model["summary"]["speedups"]) == 2
+
+
+# ----------------------------------------------------------------------------- splash (TPU kernel)
+# On the CPU the splash kernel runs in the Pallas interpreter: the same kernel code (tiles, mask
+# tables, online softmax, hand-written backward) as the Mosaic lowering on a TPU.
+
+
+@pytest.mark.parametrize("t,window", [(100, None), (256, None), (300, 64), (200, 300)])
+def test_splash_matches_the_definition(t, window):
+  """Causal (window None: every earlier slot) and sliding windows; lengths that are and are not
+  multiples of the 128-token tile (padded), a window longer than the sequence."""
+  q, k, v = random_qkv(2, t, t, 2, 16, seed=t)
+  out = jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, window=window))(q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, reference(q, k, v, 0, window or t), 2e-5)
+
+
+def test_splash_gradients_match_dense_attention():
+  """The kernel's own backward against autodiff through `jax.nn.dot_product_attention` with the
+  same window (XLA), for a loss that weighs every output differently."""
+  q, k, v = random_qkv(1, 200, 200, 2, 16, seed=3)
+  weights = jax.random.normal(jax.random.key(0), q.shape)
+
+  def loss(attend):
+    return lambda q, k, v: jnp.sum(weights * attend(q, k, v))
+
+  splash = loss(lambda q, k, v: attention.splash_attention(q, k, v, window=50))
+  dense = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                            local_window_size=(49, 0)))
+  got = jax.jit(jax.grad(splash, argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(q, k, v)
+  assert_close(got, want, 1e-4)
+
+
+def test_splash_bfloat16_returns_bfloat16_close_to_float32():
+  q, k, v = random_qkv(1, 128, 128, 2, 32, seed=4)
+  low = attention.splash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert low.dtype == jnp.bfloat16
+  assert_close(low.astype(jnp.float32), reference(q, k, v, 0, 128), 3e-2)
+
+
+def test_splash_rejects_mismatched_shapes_and_bad_windows():
+  q, k, v = random_qkv(1, 8, 8, 2, 8, seed=0)
+  with pytest.raises(ValueError, match="one shape"):
+    attention.splash_attention(q, k[:, :4], v)
+  with pytest.raises(ValueError, match="window"):
+    attention.splash_attention(q, k, v, window=0)
+  with pytest.raises(ValueError, match="attention_impl"):
+    sj.ModelConfig(vocab_size=8, attention_impl="flash")
+
+
+@pytest.mark.parametrize("eviction", ["hard", "none"])
+def test_model_with_splash_equals_xla(eviction):
+  """Loss and gradients of the objective (hard eviction: window passes without a cache, the
+  splash path; eviction none: one causal pass over the sequence), and a streamed wake prefill
+  (behind a cache: XLA under both settings) against `attention_impl="xla"`."""
+  cfg = sj.ModelConfig(vocab_size=11, d_model=32, num_heads=2, layout="AG", window=16,
+                       eviction=eviction, dtype="float32", delta_impl="scan")
+  params = sj.init(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 11, dtype=jnp.int32)
+  mask = jnp.zeros((2, 48), bool).at[:, 32:].set(True)
+  batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": mask}
+  layout = (True, True, False) if eviction == "hard" else None
+
+  n = 2 if eviction == "hard" else 1
+
+  def outputs(p):
+    grad = jax.jit(jax.value_and_grad(
+        lambda p: sj.loss(p, batch, n, consolidation_windows=layout)[0]))
+    if eviction == "none":
+      return grad(p)
+    state = sj.sleep(p, sj.init_state(p, 2), tokens[:, :16], 2)
+    logits, _, _ = sj.wake(p, state, sj.init_cache(p, 2), tokens[:, 16:24])
+    return grad(p), state, logits
+
+  splash = params.replace(config=cfg.replace(attention_impl="splash"))
+  got = outputs(splash)
+  want = outputs(params.replace(config=cfg.replace(attention_impl="xla")))
+  assert_close(got, want, 2e-5)
+  # The kernel really ran: the objective's program holds Pallas calls (and XLA's does not).
+  objective = jax.make_jaxpr(lambda p: sj.loss(p, batch, n, consolidation_windows=layout)[0])
+  assert "pallas_call" in str(objective(splash))
+  assert "pallas_call" not in str(objective(params))
