@@ -213,9 +213,12 @@ def compile_train_step(config, mesh):
   }
   start = time.perf_counter()
   try:
-    compiled = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated),
-                       donate_argnums=0).lower(abstract, batch).compile()
+    # The mesh in context lets kernels that XLA cannot partition (splash attention) run per
+    # device under `shard_map`.
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated),
+                         donate_argnums=0).lower(abstract, batch).compile()
   except jax.errors.JaxRuntimeError as error:
     # The TPU compiler refuses a program whose temporaries alone exceed HBM; that is an answer.
     if "RESOURCE_EXHAUSTED" not in str(error):
@@ -235,7 +238,7 @@ def _shard_bytes(tree) -> int:
   return total
 
 
-def _gib_in(message: str, what: str) -> Optional[float]:
+def gib_in(message: str, what: str) -> Optional[float]:
   """"... HLO temporaries (43.87G) ..." -> 43.87 (XLA prints binary units: K, M, G = 2^10...)."""
   match = re.search(re.escape(what) + r"\s*\(([\d.]+)([KMGT])i?B?\)", message)
   if not match:
@@ -273,7 +276,7 @@ def check(config, config_name: str, topology_name: str) -> dict:
   # Refused by the compiler: the arguments (counted from the shardings) plus the temporaries it
   # reported are a lower bound of what the step needs.
   args = facts["argument_bytes"] / GIB
-  temps = _gib_in(facts["compiler_error"], "HLO temporaries")
+  temps = gib_in(facts["compiler_error"], "HLO temporaries")
   row.update({"arguments_gib": args, "outputs_gib": None, "aliased_gib": None,
               "temporaries_gib": temps, "code_gib": None,
               "total_gib": None if temps is None else args + temps,

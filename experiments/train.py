@@ -343,12 +343,15 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
                                         sharding=batch_sharding),
   }
   compile_start = time.perf_counter()
-  step_fn = jax.jit(
-      train_step, in_shardings=(state_sharding, batch_sharding, replicated, replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=0,
-  ).lower(abstract_state, abstract_batch,
-          jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-          jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated)).compile()
+  # Traced with the mesh in context: kernels that XLA cannot partition (splash attention) then
+  # run per device under `shard_map` (`sleep_jax.attention.splash_attention`).
+  with jax.set_mesh(mesh):
+    step_fn = jax.jit(
+        train_step, in_shardings=(state_sharding, batch_sharding, replicated, replicated),
+        out_shardings=(state_sharding, replicated), donate_argnums=0,
+    ).lower(abstract_state, abstract_batch,
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+            jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated)).compile()
   log.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
 
   @jax.jit
@@ -365,7 +368,8 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
       # Every process holds the whole eval batch; each device takes its rows from it.
       arrays = [jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
                 for x in (tokens, targets, loss_mask)]
-      predictions, token_loss = score(weights, *arrays)
+      with jax.set_mesh(mesh):  # traced on the first call: as for the train step
+        predictions, token_loss = score(weights, *arrays)
       return np.asarray(predictions), np.asarray(token_loss)
 
     results = task.evaluate(score_fn, num_examples=run.eval_examples,

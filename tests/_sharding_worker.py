@@ -128,9 +128,23 @@ def main() -> dict:
     out["meshes"][name] = res
 
   out["scan_layers"] = scanned_blocks(batch)
+  out["splash"] = splash_under_mesh(batch)
   out["checkpoint"] = checkpoint_across_meshes(params)
   out["errors"] = error_messages()
   return out
+
+
+def sharded_grad_step(params, batch, mesh):
+  """The jitted value and gradient of the loss with the model's shardings on `mesh`, and the
+  parameters and batch placed accordingly: (step, params, batch)."""
+  p_sh = sharding.param_shardings(params, mesh)
+  b_sh = sharding.batch_sharding(mesh)
+  sbatch = sharding.global_batch(batch, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                 in_shardings=(p_sh, {k: b_sh for k in sbatch}),
+                 out_shardings=((replicated, replicated), p_sh))
+  return step, jax.device_put(params, p_sh), sbatch
 
 
 def scanned_blocks(batch) -> dict:
@@ -142,16 +156,29 @@ def scanned_blocks(batch) -> dict:
   (ref_loss, _), ref_grads = grad_step(params.replace(config=cfg.replace(scan_layers=False)),
                                        batch)
   mesh = sharding.make_mesh(*MESHES["tensor"])
-  p_sh = sharding.param_shardings(params, mesh)
-  b_sh = sharding.batch_sharding(mesh)
-  sbatch = sharding.global_batch(batch, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                 in_shardings=(p_sh, {k: b_sh for k in sbatch}),
-                 out_shardings=((replicated, replicated), p_sh))
-  (loss, _), grads = step(jax.device_put(params, p_sh), sbatch)
+  step, sparams, sbatch = sharded_grad_step(params, batch, mesh)
+  (loss, _), grads = step(sparams, sbatch)
   return {"loss_err": rel_err(loss, ref_loss), "grad_err": rel_err(grads, ref_grads),
           "grad_norm": float(optax.global_norm(ref_grads))}
+
+
+def splash_under_mesh(batch) -> dict:
+  """`attention_impl="splash"` under the (2, 2, 2) mesh set with `jax.set_mesh` (the kernel runs
+  per device inside `shard_map`: 4 of the 8 rows and 2 of the 4 heads each), against the XLA
+  path on one device."""
+  cfg = CONFIG.replace(attention_impl="splash")
+  params = sleep_jax.init(cfg, jax.random.key(3))
+  (ref_loss, _), ref_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params.replace(config=CONFIG), batch)
+  mesh = sharding.make_mesh(*MESHES["tensor"])
+  step, sparams, sbatch = sharded_grad_step(params, batch, mesh)
+  with jax.set_mesh(mesh):
+    lowered = step.lower(sparams, sbatch).as_text()
+    (loss, _), grads = step(sparams, sbatch)
+  return {"loss_err": rel_err(loss, ref_loss), "grad_err": rel_err(grads, ref_grads),
+          "grad_norm": float(optax.global_norm(ref_grads)),
+          # shard_map lowers to a manual computation (Shardy) or a shmap_body call (GSPMD).
+          "per_device": "manual_computation" in lowered or "shmap_body" in lowered}
 
 
 def checkpoint_across_meshes(params) -> dict:
