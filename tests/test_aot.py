@@ -110,6 +110,18 @@ def test_aot_compiles_for_v5e_and_fsdp_splits_the_state(tmp_path):
 
 @pytest.mark.tpu_aot
 @needs_libtpu
+def test_aot_compiles_splash_attention_per_device(tmp_path):
+  """The Mosaic splash kernel compiles inside the sharded train step (XLA refuses to partition a
+  Mosaic kernel, so this fails unless the step is traced with the mesh in context) on a data-
+  and a tensor-parallel mesh."""
+  for mesh in (("--config.mesh.data=8",),
+               ("--config.mesh.data=4", "--config.mesh.tensor=2", "--config.model.num_heads=4")):
+    row = _run_aot(tmp_path, "--config.model.attention_impl=splash", *mesh)
+    assert row["fits"] and row["mesh"]["data"] * row["mesh"]["tensor"] == 8
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
 def test_aot_reports_a_step_the_compiler_refuses(tmp_path):
   # 16384 sequences on one v5e chip: the temporaries alone pass its 16 GiB.
   row = _run_aot(tmp_path, "--topology=v5e-1", "--config.batch_size=16384")
@@ -118,3 +130,23 @@ def test_aot_reports_a_step_the_compiler_refuses(tmp_path):
   # Arguments counted from the shardings: int32 tokens and targets, bool mask, plus the state.
   batch_bytes = 16384 * row["seq_len"] * (4 + 4 + 1)
   assert batch_bytes < row["arguments_gib"] * aot.GIB < batch_bytes + 16 * row["parameters"]
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_attention_memory_table_splash_against_xla(tmp_path):
+  """benchmarks/attention_tpu_memory: on a v5e chip the splash kernel's forward+backward needs a
+  small fraction of the temporaries of XLA's attention, which holds the [B H T T] scores."""
+  out = tmp_path / "memory.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.attention_tpu_memory", "--seq_lens=2048",
+       "--head_dims=128", "--batch=2", "--heads=4", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = {(r["impl"], r["mask"]): r for r in json.loads(out.read_text())["rows"]}
+  assert len(rows) == 4 and all(r["fits"] for r in rows.values())
+  # One float32 [B H T T]. (At T = 1024 the compiler needs no temporaries for either.)
+  scores_mib = 2 * 4 * 2048 * 2048 * 4 / 2 ** 20
+  for mask in ("causal", "sliding"):
+    assert rows[("xla", mask)]["temp_mib"] >= scores_mib
+    assert rows[("splash", mask)]["temp_mib"] < scores_mib / 8
