@@ -1,6 +1,8 @@
 """Times the model's attention op: `jax.nn.dot_product_attention`, full causal vs sliding window.
 
-Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x mode.
+Rows: implementation (`xla`; `cudnn` where the GPU supports it; `splash`, the TPU kernel of
+`sleep_jax.attention.splash_attention`, default on a TPU, in the slow Pallas interpreter
+elsewhere) x mask x T x mode.
 
 * `causal`: `is_causal=True` over T tokens (the model's path when it attends over a whole window
   without a cache, and the full-attention baseline);
@@ -8,7 +10,7 @@ Rows: implementation (`xla`, or `cudnn` where the GPU supports it) x mask x T x 
   L - 1 tokens before it;
 * `sliding_mask`: the same attention pattern as an explicit boolean mask, the way the model's
   window-cache path in `sleep_jax/layers.py` builds it for cuDNN and for windows too small for
-  blocks, to show what the mask costs.
+  blocks, to show what the mask costs (no `splash` row: that kernel takes static masks only).
 
 A second table (`attention_blocks_<backend>.json`) times the model's sliding-window shapes with
 one masked call against `sleep_jax.attention.sliding_window_attention` (blocks of queries, each
@@ -52,7 +54,7 @@ from sleep_jax import attention as attention_lib
 
 from benchmarks import common
 
-IMPLS = ("xla", "cudnn")
+IMPLS = ("xla", "cudnn", "splash")
 MASKS = ("causal", "sliding", "sliding_mask")
 MODES = ("fwd", "fwdbwd")
 
@@ -67,7 +69,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--head_dim", type=int, help="D (default GPU 128, CPU 64)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="input dtype (default bfloat16 on accelerators, float32 on CPU)")
-  parser.add_argument("--impls", help=f"comma-separated among {IMPLS} (default GPU both, else xla)")
+  parser.add_argument("--impls", help=f"comma-separated among {IMPLS} (default GPU xla,cudnn; "
+                      "TPU xla,splash; CPU xla)")
   parser.add_argument("--masks", help=f"comma-separated among {MASKS} (default all)")
   parser.add_argument("--modes", help=f"comma-separated among {MODES} (default both)")
   parser.add_argument("--block_windows",
@@ -86,7 +89,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   common.check_common_flags(args)
   small = common.quick(args)
-  gpu = common.backend() == "gpu"
   args.seq_lens = common.int_list("--seq_lens", args.seq_lens,
                                   (256, 512, 1024) if small else (1024, 2048, 4096, 8192, 16384))
   window_given = args.window is not None
@@ -102,7 +104,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.block_windows = common.int_list("--block_windows", args.block_windows, default)
   args.model_windows = common.int_list("--model_windows", args.model_windows, ())
   args.model_d = common.check_int("--model_d", args.model_d, 1)
-  args.impls = common.str_list("--impls", args.impls, IMPLS if gpu else ("xla",), IMPLS)
+  default_impls = {"gpu": ("xla", "cudnn"), "tpu": ("xla", "splash")}.get(common.backend(),
+                                                                          ("xla",))
+  args.impls = common.str_list("--impls", args.impls, default_impls, IMPLS)
   args.masks = common.str_list("--masks", args.masks, MASKS, MASKS)
   args.modes = common.str_list("--modes", args.modes, MODES, MODES)
   if args.xla_max_gib <= 0:
@@ -114,6 +118,8 @@ def attention_fn(impl: str, mask: str, window: int):
   """q, k, v [b t h d] -> [b t h d] for one of the MASKS."""
 
   def attend(q, k, v):
+    if impl == "splash":
+      return attention_lib.splash_attention(q, k, v, window=None if mask == "causal" else window)
     if mask == "causal":
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     if mask == "sliding":
@@ -199,6 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
           score_gib = b * h * t * t * 4 * (3 if mode == "fwdbwd" else 1) / 2 ** 30
           if impl == "xla" and score_gib > args.xla_max_gib:
             row["note"] = f"skipped: {score_gib:.0f} GiB of scores > --xla_max_gib"
+          elif impl == "splash" and mask == "sliding_mask":
+            row["note"] = "not applicable: splash takes static masks (the sliding row)"
           else:
             fn_args = sets[0] if mode == "fwdbwd" else sets[0][:3]
             jobs[key] = (build(impl, mask, mode, L), fn_args)
@@ -369,7 +377,7 @@ def block_speedups(rows: list[dict]) -> list[dict]:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-  """causal over sliding per implementation, and xla over cudnn per mask."""
+  """causal over sliding per implementation, and xla over cudnn (or splash) per mask."""
   timed = {(r["impl"], r["mask"], r["mode"], r["T"]): r["median_ms"]
            for r in rows if "median_ms" in r}
   out = []
@@ -380,8 +388,8 @@ def speedups(rows: list[dict]) -> list[dict]:
     if mask == "sliding" and (impl, "sliding_mask", mode, t) in timed:
       out.append({"T": t, "mode": mode, "what": f"{impl}: sliding_mask / sliding",
                   "speedup": timed[(impl, "sliding_mask", mode, t)] / ms})
-    if impl == "cudnn" and ("xla", mask, mode, t) in timed:
-      out.append({"T": t, "mode": mode, "what": f"{mask}: xla / cudnn",
+    if impl in ("cudnn", "splash") and ("xla", mask, mode, t) in timed:
+      out.append({"T": t, "mode": mode, "what": f"{mask}: xla / {impl}",
                   "speedup": timed[("xla", mask, mode, t)] / ms})
   return out
 

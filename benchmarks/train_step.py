@@ -16,7 +16,7 @@ math       (AG)x6                     768   6x128   512 slid. 3584   6 + 1      
 (`math` is our choice of size for the math task at the paper's sliding window L = 512; `350m`
 has 350M parameters with a 16384-token vocabulary and runs its blocks as a scan over the 12
 repeats of "AG", `scan_layers=True`.) Each runs at N in 1, 2, 4; `350m` at N = 1
-also with `attention_impl="cudnn"` on a GPU.
+also with `attention_impl="cudnn"` on a GPU and with `attention_impl="splash"` on a TPU.
 
 Model FLOPs per step are 3 x the forward matmul FLOPs of `benchmarks.common.loss_flops` (the
 projections, the visible causal attention pairs, the chunked delta rule and the output head on
@@ -84,6 +84,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, help="batch for every config (default: per config)")
   parser.add_argument("--cudnn", help="configs also timed at N = 1 with attention_impl=cudnn "
                       "(default 350m on a GPU, none elsewhere; 'none' for none)")
+  parser.add_argument("--splash", help="configs also timed at N = 1 with attention_impl=splash "
+                      "(default 350m on a TPU, none elsewhere; 'none' for none)")
   parser.add_argument("--peak_tflops", type=float,
                       help="peak TFLOP/s per chip for MFU (default: from the device kind)")
   parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -91,19 +93,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   common.check_common_flags(args)
   small = common.quick(args)
-  gpu = common.backend() == "gpu"
   args.configs = common.str_list("--configs", args.configs,
                                  ("ca",) if small else ("350m", "ca", "multihop",
                                                                     "math"), tuple(PRESETS))
   args.passes = common.int_list("--passes", args.passes, (1, 2, 4))
   if args.batch is not None:
     common.check_int("--batch", args.batch, 1)
-  if args.cudnn in (None, ""):
-    args.cudnn = ("350m",) if gpu and "350m" in args.configs else ()
-  elif args.cudnn == "none":
-    args.cudnn = ()
-  else:
-    args.cudnn = common.str_list("--cudnn", args.cudnn, (), args.configs)
+  for impl, backend in (("cudnn", "gpu"), ("splash", "tpu")):
+    value = getattr(args, impl)
+    if value in (None, ""):
+      value = ("350m",) if common.backend() == backend and "350m" in args.configs else ()
+    elif value == "none":
+      value = ()
+    else:
+      value = common.str_list(f"--{impl}", value, (), args.configs)
+    setattr(args, impl, value)
   if args.peak_tflops is not None and args.peak_tflops <= 0:
     raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
   return args
@@ -117,8 +121,10 @@ def make_step(n: int, consolidation: tuple[bool, ...], optimizer):
       return sleep_jax.loss(p, batch, n, consolidation_windows=consolidation)
 
     (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    # The optimiser state holds the weights only: one state serves every way of computing the
+    # same model (attention_impl changes `params.config`, a static part of the pytree).
+    updates, opt_state = optimizer.update(grads.weights, opt_state, params.weights)
+    return params.replace(weights=optax.apply_updates(params.weights, updates)), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -162,8 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
   for name in args.configs:
     for n in args.passes:
       plan.append((name, n, None))
-      if n == 1 and name in args.cudnn:
-        plan.append((name, n, "cudnn"))
+      for impl in ("cudnn", "splash"):
+        if n == 1 and name in getattr(args, impl):
+          plan.append((name, n, impl))
   if "350m" in args.configs and len(args.passes) > 1:
     head = [p for p in plan if p[0] == "350m" and p[1] == args.passes[0]]
     plan = head + [p for p in plan if p not in head]
@@ -174,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     cfg = sleep_jax.ModelConfig(**preset.config)
     b = args.batch or (preset.quick_batch if small else preset.batch)
     params = sleep_jax.init(cfg, jax.random.key(args.seed))
-    models[name] = (cfg, b, params, optimizer.init(params))
+    models[name] = (cfg, b, params, optimizer.init(params.weights))
     batches[name] = [random_batch(rng, preset, b, cfg.vocab_size) for _ in range(2)]
 
   jobs = {}
@@ -225,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
       print(common.format_table([row], COLUMNS))
       # The donated parameters may be gone: start this config again from fresh ones.
       params = sleep_jax.init(cfg, jax.random.key(args.seed))
-      models[name] = (cfg, b, params, optimizer.init(params))
+      models[name] = (cfg, b, params, optimizer.init(params.weights))
       continue
     new_params, new_opt, loss = carry
     # Carry the updated (donated) state on to the next row of this config.

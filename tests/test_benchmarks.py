@@ -276,6 +276,19 @@ def test_train_step_smoke(tmp_path):
   assert math.isfinite(row["loss"])
 
 
+def test_train_step_times_the_splash_twin_where_asked(tmp_path):
+  """`--splash=tiny` adds an N = 1 row with attention_impl="splash" (the Pallas interpreter on
+  the CPU) after the default one; both rows run the same step and count the same FLOPs."""
+  train_step.main(["--configs=tiny", "--passes=1", "--splash=tiny", "--runs=1", "--warmup=1",
+                   f"--out_dir={tmp_path}"])
+  rows = load(tmp_path / "train_step_cpu.json")["rows"]
+  assert [r["attention"] for r in rows] == ["default", "splash"]
+  assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"]
+  assert all(r["step_ms"] > 0 and math.isfinite(r["loss"]) and "note" not in r for r in rows)
+  with pytest.raises(ValueError, match="--splash"):
+    train_step.parse_args(["--configs=tiny", "--splash=ca"])
+
+
 def test_ops_smoke(tmp_path):
   """benchmarks.ops (an absl app, so run as a subprocess) on a tiny shape: the backend's chunk,
   FLOPs from the documented counts, achieved FLOP/s over the given peak, chunked == scan."""
