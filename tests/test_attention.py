@@ -360,7 +360,6 @@ def test_model_with_splash_equals_xla(eviction):
   mask = jnp.zeros((2, 48), bool).at[:, 32:].set(True)
   batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": mask}
   layout = (True, True, False) if eviction == "hard" else None
-
   n = 2 if eviction == "hard" else 1
 
   def outputs(p):
