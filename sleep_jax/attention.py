@@ -253,7 +253,7 @@ def splash_attention(q: Array, k: Array, v: Array, *, window: Optional[int] = No
   # A Mosaic kernel cannot be partitioned by XLA: under a mesh each device runs it on its own
   # batch rows and heads (the model's layout, `sleep_jax.sharding`).
   from sleep_jax import sharding  # pylint: disable=g-import-not-at-top
-  spec = sharding.activation_spec(q.shape, ("batch", "length", "heads", "head_dim"), mesh)
+  spec = sharding.logical_spec(q.shape, ("batch", "length", "heads", "head_dim"), mesh)
   return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)
 

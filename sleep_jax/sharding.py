@@ -155,9 +155,10 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh: Mesh) -> P:
-  """PartitionSpec for `shape` given its logical axes; mesh axes that do not divide a dimension
-  (or that an earlier dimension already uses) are dropped, so that dimension is replicated."""
+def logical_spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh) -> P:
+  """PartitionSpec for `shape` given its logical axes on `mesh` (a `Mesh`, or the `AbstractMesh`
+  seen while tracing); mesh axes that do not divide a dimension (or that an earlier dimension
+  already uses) are dropped, so that dimension is replicated."""
   used: set[str] = set()
   spec = []
   for size, name in zip(shape, logical):
@@ -172,12 +173,6 @@ def _spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh: Mesh) ->
   return P(*spec)
 
 
-def activation_spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh) -> P:
-  """PartitionSpec of an activation with these logical axes on `mesh` (a `Mesh` or the
-  `AbstractMesh` seen while tracing), as the model's shardings lay it out."""
-  return _spec(shape, logical, mesh)
-
-
 def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -186,7 +181,7 @@ def _logical_sharding(x, logical, mesh: Mesh) -> NamedSharding:
   shape = getattr(x, "shape", None)
   if shape is None or len(shape) != len(logical):
     return _replicated(mesh)
-  return NamedSharding(mesh, _spec(shape, logical, mesh))
+  return NamedSharding(mesh, logical_spec(shape, logical, mesh))
 
 
 def _path_names(path) -> str:

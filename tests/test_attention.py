@@ -184,6 +184,9 @@ def test_where_the_model_attends_by_blocks():
   assert layers._blocked(cudnn, with_cache=True)
   assert not layers._blocked(cudnn, with_cache=False)
   assert not layers._blocked(cudnn.replace(window=window - 1), with_cache=True)
+  # Splash behind a cache: the XLA blocks (its kernel needs a static mask).
+  splash = cudnn.replace(attention_impl="splash")
+  assert layers._blocked(splash, with_cache=True) and layers._dense_impl(splash) is None
 
 
 def test_bad_arguments_name_the_parameter():
