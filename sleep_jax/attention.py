@@ -195,8 +195,8 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
 # ----------------------------------------------------------------------------- splash (TPU)
 
 # Splash tiles are multiples of the TPU's 128 lanes. The tile edge is the largest of these that
-# divides the sequence padded to a multiple of 128 (512 is the tile size MaxText's splash defaults
-# use on v5e/v5p; not tuned here, no TPU to time on).
+# divides the sequence padded to a multiple of 128: fewer, larger tiles, up to 512 (not tuned:
+# that needs a TPU to time on).
 SPLASH_TILES = (512, 256, 128)
 _LANES = 128
 
@@ -205,9 +205,10 @@ def splash_attention(q: Array, k: Array, v: Array, *, window: Optional[int] = No
   """Causal attention of t tokens to themselves (no cache) by JAX's splash-attention kernel.
 
   The kernel (`jax.experimental.pallas.ops.tpu.splash_attention`, Pallas/Mosaic) takes the mask as
-  a static pattern and skips every tile the mask removes: about half the score tiles for causal
-  attention, all but about (L + tile) / t of them for a window of L over t >> L tokens. On a TPU it
-  runs the Mosaic kernel (also when compiling ahead of time for a TPU topology from another host:
+  a static pattern and skips every tile the mask removes: under the causal mask the m (m - 1) / 2
+  tiles above the diagonal of m x m (6 of 16 at m = 4; about half for long sequences), under a
+  window of L over t >> L tokens all but about (L + tile) / t of them. On a TPU it runs the
+  Mosaic kernel (also when compiling ahead of time for a TPU topology from another host:
   `jax.lax.platform_dependent` picks it at lowering); on any other backend the Pallas interpreter
   runs the same kernel, slowly (tests).
 
