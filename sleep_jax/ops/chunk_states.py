@@ -32,12 +32,13 @@ def matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype) -> jax.Array
                     preferred_element_type=jnp.float32)
 
 
-def forward(u0, w, k_end, gamma, initial_state):
+def forward(u0, w, k_end, gamma, initial_state, unroll: int | bool = 1):
   """Runs the recurrence.
 
   Args:
     u0: ``[n ... c v]``; w: ``[n ... c k]`` or None (Hebbian); k_end: ``[n ... c k]``;
     gamma: ``[n ...]``; initial_state: ``[... k v]``. All float32.
+    unroll: chunks per iteration of the loop (``lax.scan``'s ``unroll``; True: no loop).
 
   Returns:
     ``(final_state [... k v], start_states [n ... k v], u [n ... c v])``.
@@ -53,11 +54,11 @@ def forward(u0, w, k_end, gamma, initial_state):
     return new_state, (state, u_n)
 
   final_state, (start_states, u) = jax.lax.scan(
-      step, initial_state, (u0, w, jnp.swapaxes(k_end, -1, -2), gamma))
+      step, initial_state, (u0, w, jnp.swapaxes(k_end, -1, -2), gamma), unroll=unroll)
   return final_state, start_states, u
 
 
-def backward(d_u, d_states, k_end, w, gamma, d_final):
+def backward(d_u, d_states, k_end, w, gamma, d_final, unroll: int | bool = 1):
   """Runs the recurrence backwards, carrying the cotangent of ``S_{n+1}``.
 
   Args:
@@ -65,6 +66,7 @@ def backward(d_u, d_states, k_end, w, gamma, d_final):
     d_states: ``[n ... k v]``, cotangent of the start states ``S_n`` from outside.
     k_end, w, gamma: as in ``forward``.
     d_final: ``[... k v]``, cotangent of the final state.
+    unroll: as in ``forward``.
 
   Returns:
     ``(d_initial [... k v], d_u [n ... c v] total, d_next [n ... k v])``: the initial
@@ -82,5 +84,5 @@ def backward(d_u, d_states, k_end, w, gamma, d_final):
 
   w_t = None if w is None else jnp.swapaxes(w, -1, -2)
   d_initial, (d_u, d_next) = jax.lax.scan(
-      step, d_final, (d_u, d_states, k_end, w_t, gamma), reverse=True)
+      step, d_final, (d_u, d_states, k_end, w_t, gamma), reverse=True, unroll=unroll)
   return d_initial, d_u, d_next

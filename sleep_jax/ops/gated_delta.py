@@ -195,6 +195,7 @@ def gated_delta_rule(
     impl: str = "auto",
     chunk_size: int | None = 64,
     rule: str = "gated_delta",
+    unroll: int | bool = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Runs the fast-weight recurrence over a sequence.
 
@@ -214,6 +215,11 @@ def gated_delta_rule(
       chunk uses its own length. ``None`` picks it per backend (``default_chunk_size``: 32 on
       CPU, 64 on GPU and TPU); the default, 64, is the same on every backend.
     rule: ``"gated_delta"`` or ``"hebbian"``.
+    unroll: chunks per iteration of the chunked form's loop over chunks, forwards and
+      backwards (``lax.scan``'s ``unroll``: an int >= 1, or True for no loop at all, every
+      chunk step written out; compilation takes longer). Results are the same; the speed
+      differs per backend (docs/delta_rule.md). Used by ``impl="chunked"`` (and ``"auto"``
+      where it runs the chunked form); the scan and the Pallas kernel ignore it.
 
   Returns:
     ``(o [b t h v] in v's dtype, final_state [b h k v] float32)``.
@@ -228,6 +234,9 @@ def gated_delta_rule(
     chunk_size = default_chunk_size()
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
+  if not (unroll is True or (not isinstance(unroll, bool) and isinstance(unroll, int)
+                             and unroll >= 1)):
+    raise ValueError(f"unroll must be an int >= 1 or True (no loop), got {unroll!r}.")
   b, t, h, dk, dv = _check_sequence_inputs(q, k, v, beta, log_alpha, initial_state)
   if impl == "pallas":
     problem = gated_delta_pallas.supported(chunk_size, dk, dv)
@@ -244,5 +253,5 @@ def gated_delta_rule(
   else:
     o, final_state = gated_delta_chunked.chunked_delta_rule(
         q, k, v, beta, log_alpha, state, scale=scale, chunk_size=chunk_size, rule=rule,
-        kernel=impl == "pallas")
+        kernel=impl == "pallas", unroll=unroll)
   return o.astype(v.dtype), final_state

@@ -166,6 +166,7 @@ def chunked_delta_rule(
     chunk_size: int,
     rule: str,
     kernel: bool = False,
+    unroll: int | bool = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel recurrence (inputs already validated).
 
@@ -180,6 +181,8 @@ def chunked_delta_rule(
       outputs, in the Pallas kernels of ``gated_delta_pallas`` (chunk_size, Dk and Dv powers
       of two >= 16; a short sequence is padded to one whole chunk) instead of an explicit
       inverse, a ``lax.scan`` and batched products.
+    unroll: chunks per iteration of the pure-JAX chunk loops, forwards and backwards
+      (``lax.scan``'s ``unroll``; True: no loop). Not used with ``kernel``.
 
   Returns:
     ``(o [b t h v] float32, final_state [b h k v] float32)``.
@@ -208,7 +211,8 @@ def chunked_delta_rule(
   if kernel:
     return _kernel_path(q, k, v, beta, decay, g, e, gamma, initial_state, scale, dtype,
                         seq_len, rule)
-  o, final_state = _chunk_core(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
+  o, final_state = _chunk_core(rule, dtype, unroll, q, k, v, beta, decay, g, e, gamma,
+                               initial_state)
   return (scale * _from_chunks(o))[:, :seq_len], final_state
 
 
@@ -235,7 +239,7 @@ def _system_matrix(k, beta, decay, dtype):
 # (jax.jvp) is not defined for a custom VJP: impl="scan" supports it.
 
 
-def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state):
+def _core_forward(rule, dtype, unroll, q, k, v, beta, decay, g, e, gamma, initial_state):
   f32 = jnp.float32
   qk = _matmul("nbhck,nbhsk->nbhcs", q, k, dtype)
   scores = qk * decay
@@ -253,7 +257,8 @@ def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
     gram = inverse = w = None
     u0 = beta[..., None] * v.astype(f32)
 
-  final_state, start_states, u = chunk_states.forward(u0, w, k_to_end, gamma, initial_state)
+  final_state, start_states, u = chunk_states.forward(u0, w, k_to_end, gamma, initial_state,
+                                                      unroll)
   inter = _matmul("nbhck,nbhkv->nbhcv", q, start_states, dtype)
   intra = _matmul("nbhcs,nbhsv->nbhcv", scores, u, dtype)
   o = g[..., None] * inter + intra
@@ -261,7 +266,7 @@ def _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)
   return (o, final_state), residuals
 
 
-def _core_backward(rule, dtype, residuals, cotangents):
+def _core_backward(rule, dtype, unroll, residuals, cotangents):
   f32 = jnp.float32
   q, k, v, beta, decay, g, e, gamma, gram, inverse, u0, w, u, start_states = residuals
   d_o, d_final = cotangents
@@ -284,7 +289,7 @@ def _core_backward(rule, dtype, residuals, cotangents):
   k_to_end = e[..., None] * kf
 
   d_initial, d_u, d_next_states = chunk_states.backward(d_u, d_states_out, k_to_end, w,
-                                                        gamma, d_final)
+                                                        gamma, d_final, unroll)
   d_gamma = jnp.sum(start_states * d_next_states, axis=(-2, -1))
   d_k_to_end = _matmul_f32(u, jnp.swapaxes(d_next_states, -1, -2))
   d_k = e[..., None] * d_k_to_end
@@ -323,11 +328,12 @@ def _core_backward(rule, dtype, residuals, cotangents):
           d_g, d_e, d_gamma, d_initial)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_core(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunk_core(rule, dtype, unroll, q, k, v, beta, decay, g, e, gamma, initial_state):
   """Unscaled outputs ``[n b h c v]`` float32 and the final state of the chunked
   recurrence; inputs ``[n b h c ...]`` (q, k, v in ``dtype``)."""
-  return _core_forward(rule, dtype, q, k, v, beta, decay, g, e, gamma, initial_state)[0]
+  return _core_forward(rule, dtype, unroll, q, k, v, beta, decay, g, e, gamma,
+                       initial_state)[0]
 
 
 _chunk_core.defvjp(_core_forward, _core_backward)
