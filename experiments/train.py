@@ -182,7 +182,8 @@ def validate(config: config_dict.ConfigDict) -> Run:
 _RUN_IDENTITY = ("task", "model", "n", "seed", "data_seed")
 # Model fields that choose how the same model is computed (kernels, chunking, recomputation),
 # not what it is: a run may resume with other values, e.g. on another backend.
-_HOW_COMPUTED = ("chunk_size", "delta_impl", "attention_impl", "remat", "scan_layers")
+_HOW_COMPUTED = ("chunk_size", "delta_impl", "attention_impl", "remat", "scan_layers",
+                 "delta_unroll")
 
 
 def _check_same_run(config: config_dict.ConfigDict, workdir: epath.Path) -> None:

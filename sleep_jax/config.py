@@ -79,6 +79,11 @@ class ModelConfig:
       copy of the unit instead of every block, so it compiles several times faster. Parameters
       keep their per-block layout (they are stacked inside the pass). One-token decode steps keep
       the unrolled blocks (scanning would copy the window cache on every token).
+    delta_unroll: chunk steps per iteration of the fast-weight op's loop over chunks (the
+      `unroll` of `sleep_jax.ops.gated_delta_rule`); a value at least the number of chunks in a
+      pass (e.g. 1024) leaves no loop: every chunk step is written out, which lets a GPU run a
+      pass's kernels as CUDA graphs instead of launching each from the host
+      (docs/performance.md), at the cost of compile time. Same results.
   """
 
   vocab_size: int
@@ -99,6 +104,7 @@ class ModelConfig:
   chunk_size: Optional[int] = None
   attention_impl: Optional[str] = None
   scan_layers: bool = False
+  delta_unroll: int = 1
 
   def __post_init__(self):
     _check_positive_int("vocab_size", self.vocab_size, 2)
@@ -151,6 +157,7 @@ class ModelConfig:
     if self.scan_layers and self.layer_unit == self.num_layers:
       _fail("scan_layers", f"needs a layout that repeats a shorter pattern (such as 'AG' * 12), "
             f"got {self.layout!r}; set scan_layers=False")
+    _check_positive_int("delta_unroll", self.delta_unroll)
     if self.attention_impl is not None and self.attention_impl not in ATTENTION_IMPLS:
       _fail("attention_impl", f"must be None or one of {ATTENTION_IMPLS}, "
             f"got {self.attention_impl!r}")

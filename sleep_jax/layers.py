@@ -217,7 +217,7 @@ class FastWeight(nn.Module):
     else:
       o, state = ops.gated_delta_rule(q, k, v, beta, log_alpha, initial_state=state,
                                       impl=cfg.delta_impl, chunk_size=cfg.resolved_chunk_size,
-                                      rule=cfg.rule)
+                                      rule=cfg.rule, unroll=cfg.delta_unroll)
     o = RMSNorm(cfg.norm_eps, name="head_norm")(o)
     gate = nn.silu(_dense(h * d, dt, "gate")(x)).reshape(b, t, h, d)
     y = _dense(cfg.d_model, dt, "o")((o * gate).reshape(b, t, h * d))

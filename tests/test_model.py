@@ -489,6 +489,29 @@ def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
   assert not np.array_equal(default, logits(chunk // 4))
 
 
+def test_delta_unroll_writes_out_the_chunk_loops_and_changes_no_result():
+  """delta_unroll at least the chunks of a pass leaves no loop in the loss's gradient (the
+  passes' scan over N stays); loss and gradients equal the rolled loops' to float32 rounding."""
+  params = make("AG", "hard", chunk_size=4)           # L = 8: two chunks per window pass
+  batch = {"tokens": tokens((B, 3 * L)), "targets": tokens((B, 3 * L), seed=2),
+           "loss_mask": jnp.ones((B, 3 * L), bool)}
+
+  def grad_fn(p):
+    return jax.jit(jax.value_and_grad(lambda p: sj.loss(p, batch, 2)[0]))
+
+  unrolled = params.replace(config=params.config.replace(delta_unroll=2))
+  loss_rolled, grads_rolled = grad_fn(params)(params)
+  loss_unrolled, grads_unrolled = grad_fn(unrolled)(unrolled)
+  assert_close(loss_unrolled, loss_rolled)
+  assert_close(grads_unrolled.weights, grads_rolled.weights, tol=1e-4)
+
+  def loops(p):
+    return jax.jit(lambda p: sj.loss(p, batch, 2)[0]).lower(p).as_text().count("stablehlo.while")
+
+  # Rolled: the chunk loop of every fast-weight pass besides the scans over passes.
+  assert loops(unrolled) < loops(params)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -496,6 +519,7 @@ def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
     ("vocab_size", 0), ("d_model", -1), ("num_heads", 3), ("layout", "AXG"), ("layout", ""),
     ("window", 0), ("eviction", "soft"), ("rule", "oja"), ("dtype", "int8"), ("remat", "all"),
     ("delta_impl", "fast"), ("chunk_size", 0), ("attention_impl", "flash"), ("conv_size", 0),
+    ("delta_unroll", 0), ("delta_unroll", True),
 ])
 def test_config_validation_names_the_field(field, value):
   kwargs = dict(vocab_size=VOCAB, d_model=32, num_heads=2)
