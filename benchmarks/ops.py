@@ -61,9 +61,14 @@ _CHUNK = flags.DEFINE_integer(
     "sleep_jax.ops.default_chunk_size).")
 _RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
 _IMPLS = flags.DEFINE_list(
-    "impls", None, "Implementations to time among scan, chunked, pallas, auto, fla (default: "
+    "impls", None, "Implementations to time among scan, chunked, unrolled (the chunked form "
+    "with its chunk loop unrolled by --unroll), pallas, auto, fla (default: "
     "scan, chunked; plus pallas on GPU/TPU and fla on GPU; on CPU the Pallas kernel only runs in "
     "its slow interpreter).")
+_UNROLL = flags.DEFINE_string(
+    "unroll", "full",
+    "Chunk-loop unrolling of the `unrolled` implementation (the chunked form with "
+    "gated_delta_rule's unroll=): an int >= 1 (chunks per loop iteration) or 'full' (no loop).")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed calls per row (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -107,10 +112,16 @@ def _make_inputs(rng: np.random.Generator, b: int, t: int, h: int, d: int, dtype
           jnp.asarray(state, jnp.float32))
 
 
-def _build(impl: str, mode: str, rule: str, chunk: int, cotangents) -> Callable:
+def _build(impl: str, mode: str, rule: str, chunk: int, cotangents,
+           unroll: int | bool = 1) -> Callable:
+  if impl == "unrolled":
+    impl = "chunked"
+  else:
+    unroll = 1
+
   def forward(q, k, v, beta, log_alpha, state):
     return gated_delta_rule(q, k, v, beta, log_alpha, initial_state=state, impl=impl,
-                            chunk_size=chunk, rule=rule)
+                            chunk_size=chunk, rule=rule, unroll=unroll)
 
   if mode == "fwd":
     return jax.jit(forward)
@@ -241,6 +252,14 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
   return tuple(int(p) for p in parts)
 
 
+def _parse_unroll(text: str) -> int | bool:
+  if text == "full":
+    return True
+  if not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--unroll must be an int >= 1 or 'full', got {text!r}.")
+  return int(text)
+
+
 def main(argv):
   del argv
   backend = jax.default_backend()
@@ -252,9 +271,10 @@ def main(argv):
   impls = _IMPLS.value or (["scan", "chunked"] + (["pallas"] if accelerator else [])
                            + (["fla"] if backend == "gpu" else []))
   for name in impls:
-    if name not in ("scan", "chunked", "pallas", "auto", "fla"):
-      raise ValueError(f"--impls entries must be scan, chunked, pallas, auto or fla, got "
-                       f"{name!r}.")
+    if name not in ("scan", "chunked", "unrolled", "pallas", "auto", "fla"):
+      raise ValueError(f"--impls entries must be scan, chunked, unrolled, pallas, auto or fla, "
+                       f"got {name!r}.")
+  unroll = _parse_unroll(_UNROLL.value)
   time_fla = "fla" in impls and "fwd" in _MODES.value
   impls = [name for name in impls if name != "fla"]
   for name in _MODES.value:
@@ -295,7 +315,7 @@ def main(argv):
           compiled[impl] = ("skipped", f"scan backward would keep {kept_gib:.1f} GiB of states")
           continue
         try:
-          compiled[impl] = _compile(_build(impl, mode, _RULE.value, chunk, cotangents),
+          compiled[impl] = _compile(_build(impl, mode, _RULE.value, chunk, cotangents, unroll),
                                     input_sets[0])
           first_outputs[impl] = jax.block_until_ready(compiled[impl][0](*input_sets[0]))
         except Exception as err:  # pylint: disable=broad-except
@@ -307,6 +327,8 @@ def main(argv):
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
                "dtype": dtype_name, "rule": _RULE.value, "chunk_size": chunk}
+        if impl == "unrolled":
+          row["unroll"] = _UNROLL.value
         rows.append(row)
         if impl not in runnable:
           kind, why = compiled[impl]
@@ -316,7 +338,8 @@ def main(argv):
         _, compile_s, temp_bytes = compiled[impl]
         median = statistics.median(times[impl])
         flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
-                 * _flops_per_token_head(resolve_impl(impl), _RULE.value, d, d,
+                 * _flops_per_token_head(resolve_impl(impl.replace("unrolled", "chunked")),
+                                         _RULE.value, d, d,
                                          min(chunk, t)))
         rate, rate_text = _rate_columns(flops, median, peak)
         row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
@@ -350,9 +373,10 @@ def main(argv):
       found = {r["impl"]: r for r in rows if (r["B"], r["T"], r["H"], r["Dk"]) == shape
                and r["mode"] == mode and "median_ms" in r}
       # Time ratios: the scan over each chunked form (its speed-up), each over fla (the goal
-      # is at most 2x), the kernel over the pure-JAX form.
+      # is at most 2x), the kernel and the unrolled loop over the pure-JAX form.
       for num, den in (("scan", "chunked"), ("scan", "pallas"), ("chunked", "fla"),
-                       ("pallas", "fla"), ("pallas", "chunked")):
+                       ("pallas", "fla"), ("unrolled", "fla"), ("pallas", "chunked"),
+                       ("unrolled", "chunked")):
         if num in found and den in found:
           ratios.append({"shape": "x".join(map(str, shape)), "mode": mode,
                          "ratio": f"{num}/{den}",

@@ -75,9 +75,10 @@ step() {
   case $1 in
     # The op's goals. Forward at T = 4K and 16K against fla (the pure-JAX rows took about 45 s;
     # fla's first call autotunes its Triton kernels for over a minute: not finished in any run
-    # yet).
+    # yet). `unrolled`: the chunk loop written out, one CUDA graph instead of 256 host-driven
+    # iterations at 16K (benchmarks/gpu_aot.py); compiled in 19 s on a 2-core CPU host.
     ops) run ops 150 -m benchmarks.ops --out="$OUT_DIR/ops_gpu.json" --runs=5 --modes=fwd \
-           --impls=chunked,pallas,fla --shapes=4x4096x16x128,4x16384x16x128 ;;
+           --impls=chunked,unrolled,pallas,fla --shapes=4x4096x16x128,4x16384x16x128 ;;
     # Forward+backward against the per-token scan at T = 4K: about 105 s, 81 s of it compiling.
     ops_fwdbwd) run ops_fwdbwd 120 -m benchmarks.ops --out="$OUT_DIR/ops_gpu_fwdbwd.json" \
            --runs=5 --modes=fwdbwd --impls=scan,chunked,pallas --shapes=4x4096x16x128 ;;
@@ -95,10 +96,11 @@ step() {
     # blocks, did not finish compiling in an earlier run's 180 s for the model-level scripts).
     wake_latency) run wake_latency 90 -m benchmarks.wake_latency --out_dir="$OUT_DIR" \
            --d_model=1024 --heads=8 --layout=AGAG --window=1024 --variants=donated,bf16_weights ;;
-    # The MFU goal's row and its cuDNN twin only: all 13 default steps compiling at once gave no
-    # row in 200 s.
+    # The MFU goal's row, its cuDNN twin and its twin with the chunk loops written out (59,373
+    # host-launched thunks per step rolled, 12,525 unrolled: benchmarks/gpu_aot.py): all 13
+    # default steps compiling at once gave no row in 200 s.
     train_step) run train_step 150 -m benchmarks.train_step --out_dir="$OUT_DIR" \
-           --configs=350m --passes=1 ;;
+           --configs=350m --passes=1 --unrolled=350m ;;
     # One window: two windows' 20 functions did not finish compiling in 90 s.
     sleep_cost) run sleep_cost 120 -m benchmarks.sleep_cost --out_dir="$OUT_DIR" --windows=2048 ;;
     # Full vs sliding at 4K and 16K, then the blocked sliding-window table: 61 s reached the

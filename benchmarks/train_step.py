@@ -16,7 +16,9 @@ math       (AG)x6                     768   6x128   512 slid. 3584   6 + 1      
 (`math` is our choice of size for the math task at the paper's sliding window L = 512; `350m`
 has 350M parameters with a 16384-token vocabulary and runs its blocks as a scan over the 12
 repeats of "AG", `scan_layers=True`.) Each runs at N in 1, 2, 4; `350m` at N = 1
-also with `attention_impl="cudnn"` on a GPU and with `attention_impl="splash"` on a TPU.
+also with `attention_impl="cudnn"` on a GPU and with `attention_impl="splash"` on a TPU, and
+with `--unrolled` configurations at N = 1 also with `delta_unroll=UNROLLED` (the fast-weight
+op's chunk loops written out; on a GPU each pass's kernels can then run as CUDA graphs).
 
 Model FLOPs per step are 3 x the forward matmul FLOPs of `benchmarks.common.loss_flops` (the
 projections, the visible causal attention pairs, the chunked delta rule and the output head on
@@ -86,6 +88,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       "(default 350m on a GPU, none elsewhere; 'none' for none)")
   parser.add_argument("--splash", help="configs also timed at N = 1 with attention_impl=splash "
                       "(default 350m on a TPU, none elsewhere; 'none' for none)")
+  parser.add_argument("--unrolled", help="configs also timed at N = 1 with the fast-weight "
+                      f"op's chunk loops written out (delta_unroll={UNROLLED}; default none; "
+                      "'none' for none)")
   parser.add_argument("--peak_tflops", type=float,
                       help="peak TFLOP/s per chip for MFU (default: from the device kind)")
   parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -99,7 +104,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args.passes = common.int_list("--passes", args.passes, (1, 2, 4))
   if args.batch is not None:
     common.check_int("--batch", args.batch, 1)
-  for impl, backend in (("cudnn", "gpu"), ("splash", "tpu")):
+  for impl, backend in (("cudnn", "gpu"), ("splash", "tpu"), ("unrolled", None)):
     value = getattr(args, impl)
     if value in (None, ""):
       value = ("350m",) if common.backend() == backend and "350m" in args.configs else ()
@@ -111,6 +116,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   if args.peak_tflops is not None and args.peak_tflops <= 0:
     raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
   return args
+
+
+# `delta_unroll` of the `--unrolled` rows: more chunks than any pass here has, so no loop is left.
+UNROLLED = 1024
+VARIANTS = ("cudnn", "splash", "unrolled")
+
+
+def variant_config(cfg: sleep_jax.ModelConfig, variant: Optional[str]) -> sleep_jax.ModelConfig:
+  """The config a row computes with: the default, another attention_impl, or unrolled loops."""
+  if variant is None:
+    return cfg
+  if variant == "unrolled":
+    return cfg.replace(delta_unroll=UNROLLED)
+  return cfg.replace(attention_impl=variant)
 
 
 def make_step(n: int, consolidation: tuple[bool, ...], optimizer):
@@ -146,6 +165,7 @@ def count_params(weights) -> tuple[int, int]:
 
 
 COLUMNS = (("config", "config", ""), ("N", "N", "d"), ("attention", "attn", ""),
+           ("delta_unroll", "unroll", "d"),
            ("batch", "batch", "d"), ("params_m", "params M", ".1f"),
            ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ".4g"),
            ("model_tflops_per_s", "model TFLOP/s", ".3g"), ("mfu", "MFU", ".1%"),
@@ -168,9 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
   for name in args.configs:
     for n in args.passes:
       plan.append((name, n, None))
-      for impl in ("cudnn", "splash"):
-        if n == 1 and name in getattr(args, impl):
-          plan.append((name, n, impl))
+      for variant in VARIANTS:
+        if n == 1 and name in getattr(args, variant):
+          plan.append((name, n, variant))
   if "350m" in args.configs and len(args.passes) > 1:
     head = [p for p in plan if p[0] == "350m" and p[1] == args.passes[0]]
     plan = head + [p for p in plan if p not in head]
@@ -185,11 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     batches[name] = [random_batch(rng, preset, b, cfg.vocab_size) for _ in range(2)]
 
   jobs = {}
-  for name, n, attn in plan:
+  for name, n, variant in plan:
     cfg, b, params, opt_state = models[name]
-    p = params if attn is None else params.replace(config=cfg.replace(attention_impl=attn))
-    jobs[(name, n, attn)] = (make_step(n, PRESETS[name].consolidation, optimizer),
-                             common.abstract((p, opt_state, batches[name][0])))
+    p = params.replace(config=variant_config(cfg, variant))
+    jobs[(name, n, variant)] = (make_step(n, PRESETS[name].consolidation, optimizer),
+                                common.abstract((p, opt_state, batches[name][0])))
 
   # On an accelerator, compilation (host) overlaps with the timing of earlier rows (device); on
   # the CPU everything is compiled before anything is timed.
@@ -201,23 +221,25 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     concurrent.futures.wait(list(futures.values()))
     print(f"compiled {len(jobs)} steps in {time.perf_counter() - start:.1f} s")
 
-  for name, n, attn in plan:
+  for name, n, variant in plan:
     cfg, b, params, opt_state = models[name]
+    run_cfg = variant_config(cfg, variant)
     preset = PRESETS[name]
     total, non_embedding = count_params(params.weights)
-    row = {"config": name, "N": n, "attention": attn or "default", "batch": b,
+    row = {"config": name, "N": n, "attention": run_cfg.attention_impl or "default",
+           "delta_unroll": run_cfg.delta_unroll, "batch": b,
            "seq_len": preset.seq_len, "window": cfg.window, "eviction": cfg.eviction,
            "layout": cfg.layout, "d_model": cfg.d_model, "heads": cfg.num_heads,
            "params_m": total / 1e6, "non_embedding_params_m": non_embedding / 1e6,
            "dtype": cfg.compute_dtype.name}
     try:
-      fn = futures[(name, n, attn)].result()
+      fn = futures[(name, n, variant)].result()
     except Exception as err:  # e.g. cuDNN attention unsupported here
       row["note"] = "unavailable: " + common.describe_error(err, 160)
       results.add(row)
       print(common.format_table([row], COLUMNS))
       continue
-    p = params if attn is None else params.replace(config=cfg.replace(attention_impl=attn))
+    p = params.replace(config=run_cfg)
 
     def step(carry, batch, fn=fn):
       params, opt_state, _ = carry

@@ -276,14 +276,16 @@ def test_train_step_smoke(tmp_path):
   assert math.isfinite(row["loss"])
 
 
-def test_train_step_times_the_splash_twin_where_asked(tmp_path):
+def test_train_step_times_the_splash_and_unrolled_twins_where_asked(tmp_path):
   """`--splash=tiny` adds an N = 1 row with attention_impl="splash" (the Pallas interpreter on
-  the CPU) after the default one; both rows run the same step and count the same FLOPs."""
-  train_step.main(["--configs=tiny", "--passes=1", "--splash=tiny", "--runs=1", "--warmup=1",
-                   f"--out_dir={tmp_path}"])
+  the CPU) after the default one, `--unrolled=tiny` one with delta_unroll=UNROLLED; all rows
+  run the same step and count the same FLOPs."""
+  train_step.main(["--configs=tiny", "--passes=1", "--splash=tiny", "--unrolled=tiny",
+                   "--runs=1", "--warmup=1", f"--out_dir={tmp_path}"])
   rows = load(tmp_path / "train_step_cpu.json")["rows"]
-  assert [r["attention"] for r in rows] == ["default", "splash"]
-  assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"]
+  assert [(r["attention"], r["delta_unroll"]) for r in rows] == [
+      ("default", 1), ("splash", 1), ("default", train_step.UNROLLED)]
+  assert len({r["flops_per_step"] for r in rows}) == 1
   assert all(r["step_ms"] > 0 and math.isfinite(r["loss"]) and "note" not in r for r in rows)
   with pytest.raises(ValueError, match="--splash"):
     train_step.parse_args(["--configs=tiny", "--splash=ca"])
@@ -328,6 +330,27 @@ def test_ops_keeps_the_other_rows_when_one_implementation_fails(tmp_path):
   assert rows["chunked"]["max_diff"] < 1e-5
 
 
+def test_ops_unrolled_rows_equal_the_chunked_form(tmp_path):
+  """`unrolled` is the chunked form with its chunk loop unrolled (here 2 chunks per iteration
+  over 3 chunks): the same outputs, its own row and ratio; a bad --unroll is refused."""
+  out = tmp_path / "ops.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.ops", "--shapes=1x40x2x16", "--runs=1",
+                  "--warmup=0", "--input_sets=1", "--modes=fwd", "--chunk_size=16",
+                  "--impls=chunked,unrolled", "--unroll=2", f"--out={out}"],
+                 cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                 text=True, check=True)
+  data = load(out)
+  rows = {r["impl"]: r for r in data["rows"]}
+  assert rows["unrolled"]["unroll"] == "2" and rows["unrolled"]["max_diff"] < 1e-6
+  assert rows["unrolled"]["flops"] == rows["chunked"]["flops"]
+  assert {r["ratio"] for r in data["ratios"]} == {"unrolled/chunked"}
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--shapes=1x40x2x16",
+                        "--impls=unrolled", "--unroll=0", f"--out={out}"],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "--unroll must be an int >= 1 or 'full'" in bad.stderr
+
+
 @pytest.mark.parametrize("rule", ["gated_delta", "hebbian"])
 def test_ops_fla_alone_is_one_row_that_says_why_it_did_not_run(tmp_path, rule):
   """`--impls=fla` compiles nothing of ours; on this CPU (no CUDA) the peer's row is an error
@@ -359,7 +382,9 @@ def test_run_gpu_script_plan_and_import_path(tmp_path):
   assert [l.split(":")[0] for l in lines] == ["== ops", "== ops_fwdbwd", *profiles,
                                               "== wake_latency", "== train_step",
                                               "== sleep_cost", "== attention"]
-  assert f"--out={tmp_path}/ops_gpu.json" in lines[0] and "--impls=chunked,pallas,fla" in lines[0]
+  assert (f"--out={tmp_path}/ops_gpu.json" in lines[0]
+          and "--impls=chunked,unrolled,pallas,fla" in lines[0])
+  assert "--unrolled=350m" in lines[7]
   assert f"--out={tmp_path}/ops_gpu_fwdbwd.json" in lines[1]
   assert all(f"--out={tmp_path}/profile_" in l for l in lines[2:6])
   assert all(f"--out_dir={tmp_path}" in l for l in lines[6:])
