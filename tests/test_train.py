@@ -141,13 +141,14 @@ def test_a_workdir_of_another_run_is_not_resumed(uninterrupted):
 
 
 def test_a_run_resumes_with_another_way_of_computing_the_same_model(uninterrupted, tmp_path):
-  """chunk_size, delta_impl, attention_impl, remat and scan_layers change how the model is
-  computed, not the checkpoint: the finished run is found and reported, nothing is retrained."""
+  """chunk_size, delta_impl, attention_impl, remat, scan_layers and delta_unroll change how the
+  model is computed, not the checkpoint: the finished run is found and reported, nothing is
+  retrained."""
   reference, result = uninterrupted
   workdir = str(tmp_path / "other_kernels")
   shutil.copytree(reference, workdir)
   again = trainer.train(smoke(**{"model.chunk_size": 4, "model.delta_impl": "scan",
-                                 "model.remat": "none"}), workdir)
+                                 "model.remat": "none", "model.delta_unroll": 2}), workdir)
   assert again["step"] == 4 and again["loss"] == result["loss"]
   assert saved_steps(workdir) == [2, 4]
 
