@@ -14,7 +14,7 @@ Positions (for RoPE) are cache slots, so they stay below the cache capacity on u
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -41,9 +41,33 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(x.dtype)
 
 
-def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_dense_init, name=name)
+class Dense(nn.Module):
+  """`x @ kernel` without bias: a float32 `kernel`, the product in `dtype` (what `nn.Dense` with
+  `use_bias=False, param_dtype=float32` computes, with the same parameter tree).
+
+  A call on one token (a decode step: `x` is `[b 1 m]`) accumulates in float32 and rounds the
+  result to `dtype` once. Asked for a half-precision result of a matrix-vector product, XLA
+  on a GPU writes the elementwise products of the whole weight matrix in that precision and
+  sums them in a second kernel; with a float32 result it does both in one kernel and writes no
+  products (docs/performance.md, "What the GPU programs launch"). In float32 nothing changes.
+  """
+
+  features: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", _dense_init, (x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if x.ndim < 2 or x.shape[-2] != 1:
+      return jax.lax.dot_general(x, kernel, dims)
+    y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
+    return y.astype(self.dtype)
+
+
+def _dense(features: int, dtype, name: str) -> Dense:
+  return Dense(features, dtype, name=name)
 
 
 class SwiGLU(nn.Module):

@@ -489,6 +489,35 @@ def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
   assert not np.array_equal(default, logits(chunk // 4))
 
 
+def test_dense_keeps_nn_dense_parameters_and_rounds_one_token_products_once():
+  """layers.Dense: the parameter of nn.Dense (same name, shape, initial values); over several
+  tokens the same product as nn.Dense; on one token in bf16 the float32 sum of the bf16-rounded
+  products, rounded to bf16 once (within one bf16 rounding of that reference)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from sleep_jax.layers import Dense  # pylint: disable=g-import-not-at-top
+
+  key = jax.random.key(3)
+  x = jax.random.normal(jax.random.key(4), (2, 5, 96))
+  ours, theirs = Dense(160, jnp.bfloat16), nn.Dense(
+      160, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+      kernel_init=nn.initializers.lecun_normal())
+  p_ours, p_theirs = ours.init(key, x), theirs.init(key, x)
+  assert jax.tree.structure(p_ours) == jax.tree.structure(p_theirs)
+  np.testing.assert_array_equal(p_ours["params"]["kernel"], p_theirs["params"]["kernel"])
+  np.testing.assert_array_equal(ours.apply(p_ours, x), theirs.apply(p_theirs, x))
+
+  one = x[:, :1]
+  y = ours.apply(p_ours, one)
+  assert y.dtype == jnp.bfloat16 and y.shape == (2, 1, 160)
+  w = np.asarray(p_ours["params"]["kernel"].astype(jnp.bfloat16), np.float64)
+  reference = np.asarray(one.astype(jnp.bfloat16), np.float64) @ w
+  err = np.abs(np.asarray(y, np.float64) - reference)
+  assert np.all(err <= 2 ** -8 * np.abs(reference) + 1e-6), err.max()
+  f32 = Dense(160, jnp.float32)
+  np.testing.assert_array_equal(f32.apply(p_ours, one), theirs.clone(dtype=jnp.float32).apply(
+      p_theirs, one))
+
+
 def test_delta_unroll_writes_out_the_chunk_loops_and_changes_no_result():
   """delta_unroll at least the chunks of a pass leaves no loop in the loss's gradient (the
   passes' scan over N stays); loss and gradients equal the rolled loops' to float32 rounding."""
