@@ -76,7 +76,7 @@ step() {
     # The op's goals. Forward at T = 4K and 16K against fla (the pure-JAX rows took about 45 s;
     # fla's first call autotunes its Triton kernels for over a minute: not finished in any run
     # yet). `unrolled`: the chunk loop written out, one CUDA graph instead of 256 host-driven
-    # iterations at 16K (benchmarks/gpu_aot.py); compiled in 19 s on a 2-core CPU host.
+    # iterations at 16K (benchmarks/gpu_aot.py); about 20 s to compile on a 2-core CPU host.
     ops) run ops 150 -m benchmarks.ops --out="$OUT_DIR/ops_gpu.json" --runs=5 --modes=fwd \
            --impls=chunked,unrolled,pallas,fla --shapes=4x4096x16x128,4x16384x16x128 ;;
     # Forward+backward against the per-token scan at T = 4K: about 105 s, 81 s of it compiling.

@@ -17,8 +17,8 @@ math       (AG)x6                     768   6x128   512 slid. 3584   6 + 1      
 has 350M parameters with a 16384-token vocabulary and runs its blocks as a scan over the 12
 repeats of "AG", `scan_layers=True`.) Each runs at N in 1, 2, 4; `350m` at N = 1
 also with `attention_impl="cudnn"` on a GPU and with `attention_impl="splash"` on a TPU, and
-with `--unrolled` configurations at N = 1 also with `delta_unroll=UNROLLED` (the fast-weight
-op's chunk loops written out; on a GPU each pass's kernels can then run as CUDA graphs).
+with `--unrolled` configurations at N = 1 also with `delta_unroll=1024` (the fast-weight op's
+chunk loops written out; on a GPU each pass's kernels can then run as CUDA graphs).
 
 Model FLOPs per step are 3 x the forward matmul FLOPs of `benchmarks.common.loss_flops` (the
 projections, the visible causal attention pairs, the chunked delta rule and the output head on
