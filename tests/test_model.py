@@ -519,8 +519,9 @@ def test_dense_keeps_nn_dense_parameters_and_rounds_one_token_products_once():
 
 
 def test_delta_unroll_writes_out_the_chunk_loops_and_changes_no_result():
-  """delta_unroll at least the chunks of a pass leaves no loop in the loss's gradient (the
-  passes' scan over N stays); loss and gradients equal the rolled loops' to float32 rounding."""
+  """delta_unroll at least the chunks of a pass (2 here) leaves no chunk loop in the loss (the
+  scan over the N passes stays); loss and gradients equal the rolled loops' to float32
+  rounding."""
   params = make("AG", "hard", chunk_size=4)           # L = 8: two chunks per window pass
   batch = {"tokens": tokens((B, 3 * L)), "targets": tokens((B, 3 * L), seed=2),
            "loss_mask": jnp.ones((B, 3 * L), bool)}
