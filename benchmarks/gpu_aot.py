@@ -4,8 +4,9 @@ With JAX's CUDA plugin installed (`pip install "jax-cuda12-plugin==$V" "jax-cuda
 V the installed jax version) and a CUDA toolkit's `ptxas` that XLA can find (on the PATH or
 under /usr/local/cuda; XLA turns its kernels' PTX into GPU code with it), XLA compiles for a GPU
 described by its public figures (`--gpu`: H100 or H200) and the compiled program says, before
-any GPU is lent, what a call will launch. XLA's dump of the program's thunk sequence (after XLA has grouped kernels into command
-buffers, which run as CUDA graphs) is read back and counted per call:
+any GPU is lent, what a call will launch. XLA's dump of the program's thunk sequence (after
+XLA has grouped kernels into command buffers, which run as CUDA graphs) is read back and counted
+per call:
 
 * `graphs`: command buffers launched (one CUDA graph launch each), and `graph kernels`: the
   kernels, copies and library calls inside them;
@@ -21,8 +22,10 @@ arrays are made): `op` (`gated_delta_rule`, `--shape`, `--impl` chunked / unroll
 scan, `--mode`), `wake` (a one-token `sleep_jax.wake` step of the wake_latency benchmark's sleep
 model, state and cache donated), `full` (the same step of the full-attention model behind a KV
 cache of `--context` tokens), `train` (the train_step benchmark's step of `--config` at
-`--passes`; `--delta_unroll`, `--scan_layers` override the preset's), or `all`: the rows behind
-the GPU goals (docs/performance.md). Models compute in bf16 at the GPU's chunk size, 64.
+`--passes`; `--delta_unroll`, `--scan_layers` override the preset's), `boundary` (the
+sleep_cost benchmark's GPU model at window `--window`: a wake prefill of the window, the
+streaming path's boundary and `sleep_jax.sleep`, both at N = `--passes`), or `all`: the rows
+behind the GPU goals (docs/performance.md). Models compute in bf16 at the GPU's chunk size, 64.
 
     python -m benchmarks.gpu_aot                                  # all, for an H200
     python -m benchmarks.gpu_aot --target=op --impl=unrolled --shape=4x4096x16x128 --mode=fwdbwd
@@ -49,9 +52,11 @@ import jax.numpy as jnp
 import optax
 
 import sleep_jax
+from sleep_jax import streaming
 from sleep_jax.ops import gated_delta_rule
 
 from benchmarks import common
+from benchmarks import sleep_cost
 from benchmarks import train_step
 
 # The figures XLA's GPU compiler reads (SM count, shared memory, registers, compute capability
@@ -90,7 +95,7 @@ runtime_version {{ major: 12 minor: 8 }}
 device_description_str: "{description}"
 """
 
-TARGETS = ("all", "op", "wake", "full", "train")
+TARGETS = ("all", "op", "wake", "full", "train", "boundary")
 OP_IMPLS = ("chunked", "unrolled", "pallas", "scan")
 COLUMNS = (("target", "target", ""), ("compile_s", "compile s", ".1f"),
            ("temp_gib", "temp GiB", ".2f"), ("argument_gib", "args GiB", ".2f"),
@@ -113,13 +118,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--d_model", type=int, default=1024, help="wake/full: width")
   parser.add_argument("--heads", type=int, default=8, help="wake/full: heads")
   parser.add_argument("--layout", default="AGAG", help="wake: blocks of the sleep model")
-  parser.add_argument("--window", type=int, default=1024, help="wake: L")
+  parser.add_argument("--window", type=int, help="wake: L (default 1024); boundary: L "
+                      "(default 2048)")
   parser.add_argument("--vocab", type=int, default=32768, help="wake/full: vocabulary")
   parser.add_argument("--context", type=int, default=131072, help="full: cached tokens")
   parser.add_argument("--bf16_weights", action="store_true",
                       help="wake/full: weights cast once (sleep_jax.inference_params)")
   parser.add_argument("--config", default="350m", help="train: a benchmarks.train_step preset")
-  parser.add_argument("--passes", type=int, default=1, help="train: N")
+  parser.add_argument("--passes", type=int, help="train: N (default 1); boundary: N "
+                      "(default 4)")
   parser.add_argument("--delta_unroll", type=int, default=1,
                       help="train/wake/full: ModelConfig.delta_unroll")
   parser.add_argument("--scan_layers", choices=("preset", "0", "1"), default="preset",
@@ -138,6 +145,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args.unroll = True if args.unroll == "full" else int(args.unroll)
   if args.config not in train_step.PRESETS:
     raise ValueError(f"--config must be one of {sorted(train_step.PRESETS)}, got {args.config!r}")
+  boundary = args.target == "boundary"
+  args.window = args.window or (2048 if boundary else 1024)
+  args.passes = args.passes or (4 if boundary else 1)
   for flag in ("d_model", "heads", "window", "vocab", "context", "passes", "delta_unroll"):
     common.check_int(f"--{flag}", getattr(args, flag), 1)
   if args.out is None:
@@ -402,12 +412,40 @@ def train_job(mesh, name: str, n: int, delta_unroll: int, scan_layers: str) -> t
           _placed(mesh, (params, opt_state, batch)))
 
 
+def boundary_jobs(mesh, window: int, n: int, delta_unroll: int) -> list[Callable[[], tuple]]:
+  """The sleep_cost benchmark's GPU model (AGAGAGAG, d = 1024, 8 heads, vocabulary 32768, batch
+  8, hard eviction) at window L: (label, jitted, abstract args) of a wake prefill of the window,
+  the streaming boundary (`Stream`'s N - 1 passes and eviction) and `sleep` (N passes)."""
+  cfg = sleep_jax.ModelConfig(vocab_size=32768, d_model=1024, num_heads=8, layout="AGAG" * 2,
+                              window=window, dtype="bfloat16", delta_unroll=delta_unroll,
+                              chunk_size=sleep_jax.ops.default_chunk_size("gpu"))
+  batch = 8
+  params = jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
+  state = jax.eval_shape(lambda: sleep_jax.init_state(params, batch))
+  empty = jax.eval_shape(lambda: sleep_jax.init_cache(params, batch))
+  at_boundary = jax.eval_shape(lambda: sleep_cost.boundary_input(params, batch,
+                                                                 jax.random.key(0)))
+  window_tokens = jax.ShapeDtypeStruct((batch, window), jnp.int32)
+  suffix = f"L={window}" + (f" unroll={delta_unroll}" if delta_unroll != 1 else "")
+  run_boundary = streaming._boundary  # pylint: disable=protected-access
+  boundary = jax.jit(lambda p, s: run_boundary(p, s, n, True))
+  return [
+      lambda: (f"prefill {suffix}", jax.jit(sleep_jax.wake),
+               _placed(mesh, (params, state, empty, window_tokens))),
+      lambda: (f"boundary N={n} {suffix}", boundary, _placed(mesh, (params, at_boundary))),
+      lambda: (f"sleep N={n} {suffix}", sleep_cost.sleep_fn(n),
+               _placed(mesh, (params, state, window_tokens))),
+  ]
+
+
 def jobs(mesh, args) -> list[Callable[[], tuple]]:
   """The rows to compile, each built when its turn comes."""
   if args.target == "op":
     return [lambda: op_job(mesh, args.shape, args.impl, args.mode, args.unroll)]
   if args.target in ("wake", "full"):
     return [lambda: step_job(mesh, args, full=args.target == "full")]
+  if args.target == "boundary":
+    return boundary_jobs(mesh, args.window, args.passes, args.delta_unroll)
   if args.target == "train":
     return [lambda: train_job(mesh, args.config, args.passes, args.delta_unroll,
                               args.scan_layers)]
@@ -419,6 +457,8 @@ def jobs(mesh, args) -> list[Callable[[], tuple]]:
   rows += [lambda: step_job(mesh, args, full=False), lambda: step_job(mesh, args, full=True)]
   rows += [lambda unroll=unroll: train_job(mesh, "350m", 1, unroll, "preset")
            for unroll in (1, train_step.UNROLLED)]
+  for unroll in (1, train_step.UNROLLED):
+    rows += boundary_jobs(mesh, 2048, 4, unroll)
   return rows
 
 

@@ -82,6 +82,15 @@ def test_section_label_outside_a_loop_is_an_error():
     gpu_aot.parse_thunks("body:\n000: kCopy [source | sink] kCopy\n")
 
 
+def test_window_and_passes_default_per_target():
+  assert (lambda a: (a.window, a.passes))(gpu_aot.parse_args(["--target=boundary"])) == (2048, 4)
+  assert (lambda a: (a.window, a.passes))(gpu_aot.parse_args(["--target=wake"])) == (1024, 1)
+  args = gpu_aot.parse_args(["--target=op", "--unroll=8"])
+  assert args.unroll == 8 and gpu_aot.parse_args([]).unroll is True
+  with pytest.raises(ValueError, match="--unroll must be an int >= 1 or 'full'"):
+    gpu_aot.parse_args(["--unroll=0"])
+
+
 def test_missing_plugin_names_the_packages(monkeypatch):
   monkeypatch.setattr(gpu_aot.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(gpu_aot.ToolchainMissing, match="jax-cuda12-plugin==.*jax-cuda12-pjrt=="):
