@@ -439,7 +439,7 @@ def boundary_jobs(mesh, window: int, n: int, delta_unroll: int) -> list[Callable
 
 
 def jobs(mesh, args) -> list[Callable[[], tuple]]:
-  """The rows to compile, each built when its turn comes."""
+  """The rows to compile: callables that return each row's (label, jitted, abstract args)."""
   if args.target == "op":
     return [lambda: op_job(mesh, args.shape, args.impl, args.mode, args.unroll)]
   if args.target in ("wake", "full"):
