@@ -131,6 +131,23 @@ def int_list(flag: str, text: Optional[str], default: Sequence[int], minimum: in
   return values
 
 
+def op_shape(flag: str, text: str) -> tuple[int, int, int, int]:
+  """Parses one fast-weight op shape "BxTxHxD" (Dk = Dv = D) of flag `flag`."""
+  parts = text.lower().split("x")
+  if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"{flag} must be BxTxHxD with positive ints, got {text!r}")
+  return tuple(int(p) for p in parts)
+
+
+def chunk_unroll(flag: str, text: str) -> int | bool:
+  """Parses a chunk-loop unrolling flag: an int >= 1, or "full" (True: no loop)."""
+  if text == "full":
+    return True
+  if not text.isdigit() or int(text) < 1:
+    raise ValueError(f"{flag} must be an int >= 1 or 'full', got {text!r}")
+  return int(text)
+
+
 def str_list(flag: str, text: Optional[str], default: Sequence[str], allowed: Sequence[str]
              ) -> tuple[str, ...]:
   """Parses a comma-separated flag of names from `allowed` (None: `default`)."""

@@ -49,6 +49,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import sleep_jax
@@ -137,12 +138,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help="folder of the JSON result gpu_aot_<gpu>.json")
   parser.add_argument("--out", default=None, help="JSON path; overrides --out_dir")
   args = parser.parse_args(argv)
-  args.shape = tuple(common.int_list("--shape", args.shape.replace("x", ","), ()))
-  if len(args.shape) != 4:
-    raise ValueError(f"--shape must be BxTxHxD, got {'x'.join(map(str, args.shape))}")
-  if args.unroll != "full" and not (args.unroll.isdigit() and int(args.unroll) >= 1):
-    raise ValueError(f"--unroll must be an int >= 1 or 'full', got {args.unroll!r}")
-  args.unroll = True if args.unroll == "full" else int(args.unroll)
+  args.shape = common.op_shape("--shape", args.shape)
+  args.unroll = common.chunk_unroll("--unroll", args.unroll)
   if args.config not in train_step.PRESETS:
     raise ValueError(f"--config must be one of {sorted(train_step.PRESETS)}, got {args.config!r}")
   boundary = args.target == "boundary"
@@ -402,10 +399,8 @@ def train_job(mesh, name: str, n: int, delta_unroll: int, scan_layers: str) -> t
   optimizer = optax.adamw(1e-4, weight_decay=0.01)
   params = jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
   opt_state = jax.eval_shape(optimizer.init, params.weights)
-  shape = (preset.batch, preset.seq_len)
-  batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-           "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
-           "loss_mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+  batch = common.abstract(train_step.random_batch(np.random.default_rng(0), preset,
+                                                  preset.batch, cfg.vocab_size))
   label = (f"train {name} N={n} unroll={delta_unroll}"
            f"{' scan' if cfg.scan_layers else ''}")
   return (label, train_step.make_step(n, preset.consolidation, optimizer),

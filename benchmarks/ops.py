@@ -245,26 +245,11 @@ def _rate_columns(flops: float, seconds: float, peak: float | None) -> tuple[dic
   return fields, f"{rate / 1e9:>9.1f} {percent:>7}"
 
 
-def _parse_shape(text: str) -> tuple[int, int, int, int]:
-  parts = text.lower().split("x")
-  if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise ValueError(f"--shapes entries must be BxTxHxD with positive ints, got {text!r}.")
-  return tuple(int(p) for p in parts)
-
-
-def _parse_unroll(text: str) -> int | bool:
-  if text == "full":
-    return True
-  if not text.isdigit() or int(text) < 1:
-    raise ValueError(f"--unroll must be an int >= 1 or 'full', got {text!r}.")
-  return int(text)
-
-
 def main(argv):
   del argv
   backend = jax.default_backend()
   accelerator = backend != "cpu"
-  shapes = [_parse_shape(s) for s in (_SHAPES.value or
+  shapes = [common.op_shape("--shapes entries", s) for s in (_SHAPES.value or
                                        (_ACCEL_SHAPES if accelerator else _CPU_SHAPES))]
   dtype_name = _DTYPE.value or ("bfloat16" if accelerator else "float32")
   dtype = jnp.dtype(dtype_name)
@@ -274,7 +259,7 @@ def main(argv):
     if name not in ("scan", "chunked", "unrolled", "pallas", "auto", "fla"):
       raise ValueError(f"--impls entries must be scan, chunked, unrolled, pallas, auto or fla, "
                        f"got {name!r}.")
-  unroll = _parse_unroll(_UNROLL.value)
+  unroll = common.chunk_unroll("--unroll", _UNROLL.value)
   time_fla = "fla" in impls and "fwd" in _MODES.value
   impls = [name for name in impls if name != "fla"]
   for name in _MODES.value:

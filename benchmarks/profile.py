@@ -83,11 +83,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   common.check_common_flags(args)
   small = common.quick(args)
-  shape = args.shape or ("1x512x4x64" if small else "4x16384x16x128")
-  parts = shape.lower().split("x")
-  if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise ValueError(f"--shape must be BxTxHxD with positive ints, got {shape!r}")
-  args.shape = tuple(int(p) for p in parts)
+  args.shape = common.op_shape("--shape", args.shape or ("1x512x4x64" if small
+                                                        else "4x16384x16x128"))
   args.impl = args.impl or ("chunked" if small else "pallas")
   args.d_model = common.check_int("--d_model", args.d_model or (128 if small else 1024), 1)
   args.heads = common.check_int("--heads", args.heads or (4 if small else 8), 1)

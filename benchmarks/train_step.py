@@ -78,6 +78,12 @@ PRESETS = {
 }
 
 
+# `delta_unroll` of the `--unrolled` rows: more chunks than any pass here has, so no loop is left.
+UNROLLED = 1024
+# Rows at N = 1 that compute a preset another way, each asked for by the flag of its name.
+VARIANTS = ("cudnn", "splash", "unrolled")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", help=f"comma-separated among {sorted(PRESETS)} (default "
@@ -116,11 +122,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   if args.peak_tflops is not None and args.peak_tflops <= 0:
     raise ValueError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
   return args
-
-
-# `delta_unroll` of the `--unrolled` rows: more chunks than any pass here has, so no loop is left.
-UNROLLED = 1024
-VARIANTS = ("cudnn", "splash", "unrolled")
 
 
 def variant_config(cfg: sleep_jax.ModelConfig, variant: Optional[str]) -> sleep_jax.ModelConfig:
