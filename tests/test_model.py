@@ -473,13 +473,14 @@ def test_no_eviction_is_plain_causal_model():
 def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
   """ModelConfig(chunk_size=None) resolves to sleep_jax.ops.default_chunk_size() at trace time:
   its logits are bit-identical to the model configured with that chunk explicitly, and differ
-  from a model with another chunk length (the same weights: chunking only changes rounding)."""
+  from a model with another chunk length (the same weights: chunking only changes rounding).
+  delta_impl="chunked": on CPU "auto" runs the per-token scan outside differentiation."""
   chunk = sj.ops.default_chunk_size()
   t = 2 * chunk + 7
   toks = tokens((B, t))
 
   def logits(chunk_size):
-    params = make("AG", "none", chunk_size=chunk_size)
+    params = make("AG", "none", chunk_size=chunk_size, delta_impl="chunked")
     assert params.config.resolved_chunk_size == (chunk if chunk_size is None else chunk_size)
     cache = sj.init_cache(params, B, capacity=t)
     return sj.wake(params, sj.init_state(params, B), cache, toks)[0]
@@ -519,8 +520,9 @@ def test_dense_keeps_nn_dense_parameters_and_rounds_one_token_products_once():
 
 
 def test_delta_unroll_writes_out_the_chunk_loops_and_changes_no_result():
-  """delta_unroll at least the chunks of a pass (2 here) leaves no chunk loop in the loss (the
-  scan over the N passes stays); loss and gradients equal the rolled loops' to float32
+  """delta_unroll at least the chunks of a pass (2 here) leaves no chunk loop in the loss's
+  gradient program (the scan over the N passes stays; on CPU "auto" runs the chunked form
+  only under differentiation); loss and gradients equal the rolled loops' to float32
   rounding."""
   params = make("AG", "hard", chunk_size=4)           # L = 8: two chunks per window pass
   batch = {"tokens": tokens((B, 3 * L)), "targets": tokens((B, 3 * L), seed=2),
@@ -536,9 +538,9 @@ def test_delta_unroll_writes_out_the_chunk_loops_and_changes_no_result():
   assert_close(grads_unrolled.weights, grads_rolled.weights, tol=1e-4)
 
   def loops(p):
-    return jax.jit(lambda p: sj.loss(p, batch, 2)[0]).lower(p).as_text().count("stablehlo.while")
+    return grad_fn(p).lower(p).as_text().count("stablehlo.while")
 
-  # Rolled: the chunk loop of every fast-weight pass besides the scans over passes.
+  # Rolled: the chunk loops of every fast-weight pass besides the scans over passes.
   assert loops(unrolled) < loops(params)
 
 

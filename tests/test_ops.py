@@ -273,6 +273,60 @@ def test_vmap_and_auto():
   assert_close(o_auto, o_ref, 1e-5)
 
 
+def _scan_lengths(jaxpr) -> list[int]:
+  """The lengths of every lax.scan in a jaxpr, nested calls and custom rules included."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          lengths += _scan_lengths(sub)
+  return lengths
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what auto runs on CPU")
+@pytest.mark.parametrize("rule", RULES)
+def test_auto_on_cpu_runs_the_scan_forward_and_the_chunked_form_under_grad(rule):
+  """On CPU, "auto" is the per-token scan when nothing differentiates it (one scan of T = 37
+  steps) and the chunked form under jax.grad (loops over 5 chunks of 8, no 37-step loop).
+  Values against the float64 reference; gradients, the readout scale's included, against
+  the scan's autodiff."""
+  assert ops.gated_delta.resolve_impl("auto", "cpu") == "scan+chunked"
+  inputs = make_inputs(19)
+  scale = jnp.float32(0.8)
+
+  def call(impl, *args):
+    *xs, state, s = args
+    return ops.gated_delta_rule(*xs, initial_state=state, scale=s, impl=impl, rule=rule,
+                                chunk_size=8)
+
+  def loss(impl, *args):
+    o, final_state = call(impl, *args)
+    return jnp.sum(jnp.sin(o)) + jnp.sum(final_state * final_state)
+
+  forward = jax.make_jaxpr(lambda *a: call("auto", *a))(*inputs, scale)
+  assert _scan_lengths(forward.jaxpr) == [37]
+  grad = jax.grad(lambda *a: loss("auto", *a), argnums=tuple(range(7)))
+  lengths = _scan_lengths(jax.make_jaxpr(grad)(*inputs, scale).jaxpr)
+  assert 37 not in lengths and 5 in lengths, lengths
+
+  o, final_state = jax.jit(lambda *a: call("auto", *a))(*inputs, scale)
+  o_ref, s_ref = reference(*inputs, 0.8, rule)
+  assert_close(o, o_ref, 1e-5)
+  assert_close(final_state, s_ref, 1e-5)
+  grads = jax.jit(grad)(*inputs, scale)
+  grads_scan = jax.jit(jax.grad(lambda *a: loss("scan", *a), argnums=tuple(range(7))))(
+      *inputs, scale)
+  names = ("q", "k", "v", "beta", "log_alpha", "initial_state", "scale")
+  for name, g, g_scan in zip(names, grads, grads_scan):
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(g_scan)))))
+    err = float(np.max(np.abs(np.asarray(g) - np.asarray(g_scan)))) / rms
+    assert err < 1e-4, f"{name}: gradient error {err:.3g} relative to its rms"
+
+
 def test_chunk_size_none_is_the_backends_default():
   """chunk_size=None runs the backend's chunk length: bit-identical to passing that length,
   and distinguishable from another length (so the identity says which one ran)."""

@@ -15,6 +15,7 @@ Shape legend: ``b`` batch, ``t`` time, ``h`` heads, ``k`` key size Dk, ``v`` val
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -29,12 +30,13 @@ RULES = ("gated_delta", "hebbian")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # What "auto" runs on each backend (measurements in docs/delta_rule.md). On CPU the
-# per-token scan is the faster forward pass (about 2x at T=2048, H=4, D=64), but its
-# backward pass is 6-7x slower there and keeps one state per token, so the chunked form
-# wins wherever gradients are taken. On GPU (H200, B=4, H=16, D=128) the chunked form is
-# 21.5x faster forward+backward than the scan and 1.23x faster than the Pallas kernels,
-# which are 1.3x faster forward only. TPUs, like GPUs, need its matrix products.
-_AUTO_IMPL = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+# per-token scan is the faster forward pass (1.4-2.6x at D = 16..128), but its backward pass
+# is 6-7x slower there and keeps one state per token: "scan+chunked" is the scan when nothing
+# differentiates the call and the chunked form when something does (``_scan_with_chunked_vjp``).
+# On GPU (H200, B=4, H=16, D=128) the chunked form is 21.5x faster forward+backward than the
+# scan and 1.23x faster than the Pallas kernels, which are 1.3x faster forward only. TPUs, like
+# GPUs, need its matrix products.
+_AUTO_IMPL = {"cpu": "scan+chunked", "gpu": "chunked", "tpu": "chunked"}
 
 # Chunk length of the chunked form per backend, for callers that leave it to the library
 # (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 at D = 32
@@ -168,8 +170,38 @@ def _scan_impl(q, k, v, beta, log_alpha, state, scale, rule):
   return jnp.moveaxis(o, 0, 1), final_state
 
 
+def _chunked_impl(rule, chunk_size, unroll, q, k, v, beta, log_alpha, state, scale):
+  return gated_delta_chunked.chunked_delta_rule(
+      q, k, v, beta, log_alpha, state, scale=scale, chunk_size=chunk_size, rule=rule,
+      unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _scan_with_chunked_vjp(rule, chunk_size, unroll, q, k, v, beta, log_alpha, state, scale):
+  """The scan's outputs; under reverse-mode differentiation the chunked form's outputs and
+  its backward pass. JAX evaluates this primal whenever no input carries a tangent (wake
+  prefill, sleep passes, evaluation), and the rules below inside ``jax.grad``/``jax.vjp``.
+  The two forms agree to float32 rounding (tests/test_ops.py)."""
+  return _scan_impl(q, k, v, beta, log_alpha, state, scale, rule)
+
+
+def _scan_with_chunked_vjp_fwd(rule, chunk_size, unroll, *args):
+  # The chunked form's own pullback (its custom VJP) is the residual: a pytree of arrays.
+  return jax.vjp(functools.partial(_chunked_impl, rule, chunk_size, unroll), *args)
+
+
+def _scan_with_chunked_vjp_bwd(rule, chunk_size, unroll, pullback, cotangents):
+  del rule, chunk_size, unroll
+  return pullback(cotangents)
+
+
+_scan_with_chunked_vjp.defvjp(_scan_with_chunked_vjp_fwd, _scan_with_chunked_vjp_bwd)
+
+
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-  """The implementation that ``impl`` stands for on ``backend`` (default: JAX's)."""
+  """The implementation that ``impl`` stands for on ``backend`` (default: JAX's): one of
+  ``IMPLS`` other than "auto", or "scan+chunked" ("auto" on CPU: the scan's values, the
+  chunked form's under differentiation)."""
   _check_choice("impl", impl, IMPLS)
   if impl != "auto":
     return impl
@@ -209,8 +241,10 @@ def gated_delta_rule(
     impl: ``"scan"`` (per-token reference), ``"chunked"`` (chunkwise-parallel),
       ``"pallas"`` (the chunked form with its inter-chunk recurrence and outputs in a Pallas
       kernel: Triton on GPU, Mosaic on TPU, the slow Pallas interpreter elsewhere; needs
-      chunk_size, Dk and Dv powers of two >= 16) or ``"auto"`` (chosen per backend; currently
-      chunked on CPU, GPU and TPU).
+      chunk_size, Dk and Dv powers of two >= 16) or ``"auto"`` (chosen per backend: chunked
+      on GPU and TPU; on CPU the scan's values, and the chunked form's values and backward
+      pass under reverse-mode differentiation, so a forward-only call runs the faster scan
+      and a gradient the faster chunked backward).
     chunk_size: chunk length of the chunked form (``>= 1``); a sequence shorter than one
       chunk uses its own length. ``None`` picks it per backend (``default_chunk_size``: 32 on
       CPU, 64 on GPU and TPU); the default, 64, is the same on every backend.
@@ -219,7 +253,8 @@ def gated_delta_rule(
       backwards (``lax.scan``'s ``unroll``: an int >= 1, or True for no loop at all, every
       chunk step written out; compilation takes longer). Results are the same; the speed
       differs per backend (docs/delta_rule.md). Used by ``impl="chunked"`` (and ``"auto"``
-      where it runs the chunked form); the scan and the Pallas kernel ignore it.
+      where it runs the chunked form, on CPU under differentiation); the scan and the Pallas
+      kernel ignore it.
 
   Returns:
     ``(o [b t h v] in v's dtype, final_state [b h k v] float32)``.
@@ -250,6 +285,9 @@ def gated_delta_rule(
   impl = resolve_impl(impl)
   if impl == "scan":
     o, final_state = _scan_impl(q, k, v, beta, log_alpha, state, scale, rule)
+  elif impl == "scan+chunked":
+    o, final_state = _scan_with_chunked_vjp(rule, chunk_size, unroll, q, k, v, beta, log_alpha,
+                                            state, jnp.asarray(scale, jnp.float32))
   else:
     o, final_state = gated_delta_chunked.chunked_delta_rule(
         q, k, v, beta, log_alpha, state, scale=scale, chunk_size=chunk_size, rule=rule,
