@@ -65,7 +65,8 @@ class ModelConfig:
     delta_impl: implementation of the fast-weight op ("auto", "scan", "chunked" or "pallas";
       see `sleep_jax.ops.gated_delta_rule`).
     chunk_size: chunk length of the chunkwise-parallel op; None picks it per backend when the
-      model is traced (`sleep_jax.ops.default_chunk_size`: 32 on CPU, 64 on GPU and TPU).
+      model is traced (`sleep_jax.ops.default_chunk_size`: 32 on CPU, 16 there for head_dim
+      <= 32, 64 on GPU and TPU).
       Compiling ahead of time for another platform than the host's (a TPU topology from a CPU
       host), set it (and `dtype`) explicitly.
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose, and JAX
@@ -145,7 +146,8 @@ class ModelConfig:
     if self.delta_impl == "pallas":
       # With chunk_size None, check the smallest per-backend default (all are powers of two)
       # rather than ask JAX for its backend before the model is traced.
-      chunk = (min(gated_delta.CHUNK_SIZES.values()) if self.chunk_size is None
+      chunk = (min(gated_delta.default_chunk_size(backend, self.resolved_head_dim)
+                   for backend in gated_delta.CHUNK_SIZES) if self.chunk_size is None
                else self.chunk_size)
       problem = gated_delta_pallas.supported(chunk, self.resolved_head_dim,
                                              self.resolved_head_dim)
@@ -212,7 +214,7 @@ class ModelConfig:
     """`chunk_size`, or the current backend's default when it is None."""
     if self.chunk_size is not None:
       return self.chunk_size
-    return gated_delta.default_chunk_size()
+    return gated_delta.default_chunk_size(head_dim=self.resolved_head_dim)
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -303,7 +303,7 @@ def test_ops_smoke(tmp_path):
   assert data["peak_flops"] == pytest.approx(1e10)
   assert {(r["impl"], r["mode"]) for r in data["rows"]} == {
       (i, m) for i in ("scan", "chunked") for m in ("fwd", "fwdbwd")}
-  chunk = ops.default_chunk_size("cpu")
+  chunk = ops.default_chunk_size("cpu", 16)
   for row in data["rows"]:
     assert row["chunk_size"] == chunk
     per_token = (6 * 16 * 16 if row["impl"] == "scan"

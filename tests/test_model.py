@@ -475,7 +475,7 @@ def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
   its logits are bit-identical to the model configured with that chunk explicitly, and differ
   from a model with another chunk length (the same weights: chunking only changes rounding).
   delta_impl="chunked": on CPU "auto" runs the per-token scan outside differentiation."""
-  chunk = sj.ops.default_chunk_size()
+  chunk = sj.ops.default_chunk_size(head_dim=make().config.resolved_head_dim)
   t = 2 * chunk + 7
   toks = tokens((B, t))
 

@@ -328,9 +328,10 @@ def test_auto_on_cpu_runs_the_scan_forward_and_the_chunked_form_under_grad(rule)
 
 
 def test_chunk_size_none_is_the_backends_default():
-  """chunk_size=None runs the backend's chunk length: bit-identical to passing that length,
-  and distinguishable from another length (so the identity says which one ran)."""
-  chunk = ops.default_chunk_size()
+  """chunk_size=None runs the backend's chunk length for the key size (Dk = 5): bit-identical
+  to passing that length, and distinguishable from another length (so the identity says which
+  one ran)."""
+  chunk = ops.default_chunk_size(head_dim=5)
   inputs = make_inputs(17, t=3 * chunk - 5)
   o_none, s_none = run(inputs, impl="chunked", chunk_size=None)
   o_same, s_same = run(inputs, impl="chunked", chunk_size=chunk)
@@ -341,6 +342,14 @@ def test_chunk_size_none_is_the_backends_default():
   o_ref, s_ref = reference(*inputs, 5 ** -0.5, "gated_delta")
   assert_close(o_none, o_ref, 1e-5)
   assert_close(s_none, s_ref, 1e-5)
+
+
+def test_default_chunk_size_per_backend_and_key_size():
+  """CPU: 32, and 16 for keys of at most 32; GPU and TPU: 64 for any key size."""
+  assert [ops.default_chunk_size("cpu", d) for d in (None, 8, 32, 33, 64, 128)] == [
+      32, 16, 16, 32, 32, 32]
+  for backend in ("gpu", "tpu"):
+    assert {ops.default_chunk_size(backend, d) for d in (None, 16, 128)} == {64}
 
 
 @pytest.mark.parametrize("unroll", [2, 3, True])
