@@ -57,8 +57,8 @@ _DTYPE = flags.DEFINE_enum(
     "Dtype of q, k, v. Default float32 on CPU, bfloat16 on accelerators.")
 _CHUNK = flags.DEFINE_integer(
     "chunk_size", None,
-    "Chunk size of the chunked form. Default: the backend's (32 on CPU, 64 on GPU and TPU; "
-    "sleep_jax.ops.default_chunk_size).")
+    "Chunk size of the chunked form. Default: the backend's for each shape's D (32 on CPU, "
+    "16 there for D <= 32, 64 on GPU and TPU; sleep_jax.ops.default_chunk_size).")
 _RULE = flags.DEFINE_enum("rule", "gated_delta", ["gated_delta", "hebbian"], "Update rule.")
 _IMPLS = flags.DEFINE_list(
     "impls", None, "Implementations to time among scan, chunked, unrolled (the chunked form "
@@ -86,13 +86,15 @@ _OUT = flags.DEFINE_string(
 
 _FLA_CHUNK = 64  # the chunk flash-linear-attention's chunk_gated_delta_rule uses
 
-_CPU_SHAPES = ["1x16x4x64", "1x64x4x64", "1x256x4x64", "1x2048x4x64", "4x512x8x32"]
+_CPU_SHAPES = ["1x16x4x64", "1x64x4x64", "1x256x4x64", "1x2048x4x64", "4x512x8x32", "16x256x4x16"]
 _ACCEL_SHAPES = ["4x1024x16x128", "4x4096x16x128", "4x16384x16x128"]
 
 
-def _flops_per_token_head(impl: str, rule: str, dk: int, dv: int, chunk: int) -> int:
-  """The per-token scan costs one decode step a token; every chunked form the chunked count."""
-  return common.delta_flops_per_token_head(rule, dk, dv, 1 if impl == "scan" else chunk)
+def _flops_per_token_head(impl: str, mode: str, rule: str, dk: int, dv: int, chunk: int) -> int:
+  """The per-token scan costs one decode step a token; every chunked form the chunked count;
+  "scan+chunked" (auto on CPU) the scan's forward only and the chunked form's under grad."""
+  scan = impl == "scan" or (impl == "scan+chunked" and mode == "fwd")
+  return common.delta_flops_per_token_head(rule, dk, dv, 1 if scan else chunk)
 
 
 def _make_inputs(rng: np.random.Generator, b: int, t: int, h: int, d: int, dtype) -> tuple:
@@ -168,16 +170,21 @@ def _differences(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _time_interleaved(fns: dict[str, Callable], input_sets: list, runs: int,
                       warmup: int) -> dict[str, list[float]]:
   """Seconds per call of each function. The functions take turns call by call, so that
-  on a shared machine they see the same background load and their ratio stays fair."""
+  on a shared machine they see the same background load and their ratio stays fair, and
+  the turn order rotates every round: on CPU a call right after the scan's backward pass
+  (which allocates a state per token) measured 15-35% slower, and a fixed order would charge
+  that to whichever function comes next."""
   for i in range(warmup + 1):
     for fn in fns.values():
       jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-  times = {name: [] for name in fns}
+  names = list(fns)
+  times = {name: [] for name in names}
   for i in range(runs):
     args = input_sets[i % len(input_sets)]
-    for name, fn in fns.items():
+    first = i % len(names)
+    for name in names[first:] + names[:first]:
       start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
+      jax.block_until_ready(fns[name](*args))
       times[name].append(time.perf_counter() - start)
   return times
 
@@ -269,7 +276,6 @@ def main(argv):
     raise ValueError("--runs and --input_sets must be >= 1 and --warmup >= 0.")
   if _CHUNK.value is not None and _CHUNK.value < 1:
     raise ValueError(f"--chunk_size must be >= 1, got {_CHUNK.value}.")
-  chunk = default_chunk_size(backend) if _CHUNK.value is None else _CHUNK.value
   if _PEAK.value is not None and _PEAK.value <= 0:
     raise ValueError(f"--peak_tflops must be > 0, got {_PEAK.value}.")
   peak = 1e12 * _PEAK.value if _PEAK.value else common.peak_flops(common.device_kind())
@@ -278,7 +284,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   rows = []
   print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype_name} "
-        f"rule={_RULE.value} chunk={chunk} jax={jax.__version__} "
+        f"rule={_RULE.value} chunk={_CHUNK.value or 'per D'} jax={jax.__version__} "
         f"peak={'unknown' if peak is None else f'{peak / 1e12:g} TFLOP/s'}")
   header = (f"{'B':>3} {'T':>6} {'H':>3} {'D':>4} {'impl':>8} {'mode':>7} "
             f"{'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'% peak':>7} {'temp MiB':>9} "
@@ -286,6 +292,7 @@ def main(argv):
   print(header)
   for shape in shapes:
     b, t, h, d = shape
+    chunk = default_chunk_size(backend, d) if _CHUNK.value is None else _CHUNK.value
     input_sets = [_make_inputs(rng, b, t, h, d, dtype) for _ in range(_INPUT_SETS.value)]
     cotangents = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
                   jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
@@ -324,7 +331,7 @@ def main(argv):
         median = statistics.median(times[impl])
         flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
                  * _flops_per_token_head(resolve_impl(impl.replace("unrolled", "chunked")),
-                                         _RULE.value, d, d,
+                                         mode, _RULE.value, d, d,
                                          min(chunk, t)))
         rate, rate_text = _rate_columns(flops, median, peak)
         row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
@@ -343,7 +350,8 @@ def main(argv):
       rows.append(row)
       if "median_ms" in fla:
         rate, rate_text = _rate_columns(
-            b * t * h * _flops_per_token_head("chunked", "gated_delta", d, d, min(_FLA_CHUNK, t)),
+            b * t * h * _flops_per_token_head("chunked", "fwd", "gated_delta", d, d,
+                                              min(_FLA_CHUNK, t)),
             fla["median_ms"] / 1e3, peak)
         row.update(rate)
         print(f"{b:>3} {t:>6} {h:>3} {d:>4} {'fla':>8} {'fwd':>7} {fla['median_ms']:>10.2f} "
@@ -357,9 +365,11 @@ def main(argv):
     for mode in _MODES.value:
       found = {r["impl"]: r for r in rows if (r["B"], r["T"], r["H"], r["Dk"]) == shape
                and r["mode"] == mode and "median_ms" in r}
-      # Time ratios: the scan over each chunked form (its speed-up), each over fla (the goal
-      # is at most 2x), the kernel and the unrolled loop over the pure-JAX form.
-      for num, den in (("scan", "chunked"), ("scan", "pallas"), ("chunked", "fla"),
+      # Time ratios: the scan over each chunked form and over auto (their speed-ups), each
+      # over fla (the goal is at most 2x), the kernel and the unrolled loop over the pure-JAX
+      # form.
+      for num, den in (("scan", "chunked"), ("scan", "auto"), ("scan", "pallas"),
+                       ("chunked", "fla"),
                        ("pallas", "fla"), ("unrolled", "fla"), ("pallas", "chunked"),
                        ("unrolled", "chunked")):
         if num in found and den in found:

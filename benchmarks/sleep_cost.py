@@ -52,6 +52,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--layout", help="blocks (default GPU AGAGAGAG, CPU AGAG)")
   parser.add_argument("--eviction", choices=("hard", "sliding"), default="hard")
   parser.add_argument("--vocab", type=int, help="vocabulary (default GPU 32768, CPU 256)")
+  parser.add_argument("--delta_impl", choices=sleep_jax.config.DELTA_IMPLS, default="auto",
+                      help="the fast-weight op's implementation (ModelConfig.delta_impl)")
   common.add_common_flags(parser, runs=10)
   args = parser.parse_args(argv)
   common.check_common_flags(args)
@@ -124,11 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
   print(common.header_line("sleep_cost"))
   base = sleep_jax.ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
                                layout=args.layout, window=args.windows[0],
-                               eviction=args.eviction)
+                               eviction=args.eviction, delta_impl=args.delta_impl)
   weights = sleep_jax.init(base, jax.random.key(args.seed)).weights
   b = args.batch
   print(f"model: {base.layout} d={base.d_model} heads={base.num_heads}x{base.resolved_head_dim} "
-        f"{base.eviction} vocab={base.vocab_size} batch={b} dtype={base.compute_dtype.name}")
+        f"{base.eviction} vocab={base.vocab_size} batch={b} dtype={base.compute_dtype.name} "
+        f"delta_impl={base.delta_impl}")
   rng = np.random.default_rng(args.seed)
 
   # Inputs and compiled functions for every window length, compiled together.
