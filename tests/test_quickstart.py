@@ -94,15 +94,21 @@ def test_verdict_is_per_seed_and_plain():
             3: {"per_seed": dict(enumerate(other)), "exact": report.Stat.of(other)}}
 
   won = quickstart.verdict(summary([0.30, 0.26], [0.50, 0.40]), chance_exact=0.25)
-  assert "beat N=1 in all 2 seeds" in won[0] and "+0.170" in won[0] and "visible" in won[0]
+  assert "beat N=1 in all 2 seeds" in won[0] and "+0.170" in won[0]
+  assert "cannot tell" in won[0] and "visible" not in won[0]      # 2 < MIN_SEEDS seeds
   assert any("near chance" in line for line in won)
+  won3 = quickstart.verdict(summary([0.30, 0.26, 0.3], [0.50, 0.40, 0.4]), chance_exact=0.25)
+  assert "beat N=1 in all 3 seeds" in won3[0] and "visible" in won3[0]
   mixed = quickstart.verdict(summary([0.60, 0.50], [0.70, 0.40]), chance_exact=0.25)
   assert "beat N=1 in 1 of 2 seeds only" in mixed[0] and "+0.000" in mixed[0]
   assert len(mixed) == 1
   lost = quickstart.verdict(summary([0.90, 0.89], [0.80, 0.61]), chance_exact=0.25)
   assert "did not beat N=1 in any of 2 seeds" in lost[0] and "-0.190" in lost[0]
+  assert "cannot tell" in lost[0] and "no sleep effect" not in lost[0]
+  lost3 = quickstart.verdict(summary([0.9, 0.89, 0.9], [0.8, 0.61, 0.7]), chance_exact=0.25)
+  assert "did not beat N=1 in any of 3 seeds" in lost3[0] and "no sleep effect" in lost3[0]
   single = quickstart.verdict(summary([0.3], [0.5]), chance_exact=0.25)
-  assert "single seed" in single[0]
+  assert "single seed" in single[0] and "cannot tell" in single[0]
 
 
 @pytest.mark.parametrize("flags", [["--ns=0"], ["--seeds=x"], ["--steps=0"],
