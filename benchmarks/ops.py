@@ -4,7 +4,8 @@ kernel for the inter-chunk recurrence), forward and forward+backward.
 Prints a table and writes JSON. Each timed call gets the next of several random input sets
 (never zeros); after compilation and warm-up, the median of ``--runs`` calls is reported,
 with ``block_until_ready`` on every output. The implementations take turns call by call,
-so that background load on a shared machine affects their ratio as little as possible.
+in an order that rotates every round, so that background load on a shared machine, and what
+the previous call left behind, affect their ratio as little as possible.
 Forward+backward is the gradient of a random linear functional of ``(o, final_state)`` with
 respect to all six inputs. ``pallas`` has no backward kernel: its backward pass is the pure-JAX
 chunked form's (``sleep_jax/ops/gated_delta_pallas.py``).
@@ -167,28 +168,6 @@ def _differences(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
   return out
 
 
-def _time_interleaved(fns: dict[str, Callable], input_sets: list, runs: int,
-                      warmup: int) -> dict[str, list[float]]:
-  """Seconds per call of each function. The functions take turns call by call, so that
-  on a shared machine they see the same background load and their ratio stays fair, and
-  the turn order rotates every round: on CPU a call right after the scan's backward pass
-  (which allocates a state per token) measured 15-35% slower, and a fixed order would charge
-  that to whichever function comes next."""
-  for i in range(warmup + 1):
-    for fn in fns.values():
-      jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-  names = list(fns)
-  times = {name: [] for name in names}
-  for i in range(runs):
-    args = input_sets[i % len(input_sets)]
-    first = i % len(names)
-    for name in names[first:] + names[:first]:
-      start = time.perf_counter()
-      jax.block_until_ready(fns[name](*args))
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
 def _time_fla(shape, dtype_name: str, runs: int, warmup: int) -> dict[str, Any] | None:
   """flash-linear-attention forward on the same shape, if it can be imported."""
   try:
@@ -315,7 +294,11 @@ def main(argv):
       runnable = {i: c[0] for i, c in compiled.items() if callable(c[0])}
       diffs = _differences(first_outputs)
       del first_outputs
-      times = _time_interleaved(runnable, input_sets, _RUNS.value, _WARMUP.value)
+      # One untimed round more than --warmup: every implementation has run once after all
+      # others compiled. Turns rotate every round (common.time_interleaved).
+      timings = dict(zip(runnable, common.time_interleaved(
+          [(lambda carry, args, fn=fn: fn(*args), None) for fn in runnable.values()],
+          input_sets, runs=_RUNS.value, warmup=_WARMUP.value + 1)))
       for impl in impls:
         row = {"B": b, "T": t, "H": h, "Dk": d, "Dv": d, "impl": impl, "mode": mode,
                "dtype": dtype_name, "rule": _RULE.value, "chunk_size": chunk}
@@ -328,14 +311,14 @@ def main(argv):
           print(f"{b:>3} {t:>6} {h:>3} {d:>4} {impl:>8} {mode:>7}  {kind} ({why})")
           continue
         _, compile_s, temp_bytes = compiled[impl]
-        median = statistics.median(times[impl])
+        median = timings[impl].median_s
         flops = (b * t * h * (3 if mode == "fwdbwd" else 1)
                  * _flops_per_token_head(resolve_impl(impl.replace("unrolled", "chunked")),
                                          mode, _RULE.value, d, d,
                                          min(chunk, t)))
         rate, rate_text = _rate_columns(flops, median, peak)
-        row.update(median_ms=1e3 * median, min_ms=1e3 * min(times[impl]),
-                   runs=len(times[impl]), compile_s=compile_s, temp_bytes=temp_bytes,
+        row.update(median_ms=1e3 * median, min_ms=1e3 * timings[impl].min_s,
+                   runs=len(timings[impl].times_s), compile_s=compile_s, temp_bytes=temp_bytes,
                    **rate, **diffs[impl])
         temp = "" if temp_bytes is None else f"{temp_bytes / 2 ** 20:9.1f}"
         diff = f"{diffs[impl]['max_diff']:10.2e}" if diffs[impl] else ""
