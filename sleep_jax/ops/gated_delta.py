@@ -30,7 +30,7 @@ RULES = ("gated_delta", "hebbian")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # What "auto" runs on each backend (measurements in docs/delta_rule.md). On CPU the
-# per-token scan is the faster forward pass (1.4-2.6x at D = 16..128), but its backward pass
+# per-token scan is the faster forward pass (1.4-3x at D = 16..128), but its backward pass
 # is 6-7x slower there and keeps one state per token: "scan+chunked" is the scan when nothing
 # differentiates the call and the chunked form when something does (``_scan_with_chunked_vjp``).
 # On GPU (H200, B=4, H=16, D=128) the chunked form is 21.5x faster forward+backward than the
@@ -40,12 +40,14 @@ _AUTO_IMPL = {"cpu": "scan+chunked", "gpu": "chunked", "tpu": "chunked"}
 
 # Chunk length of the chunked form per backend, for callers that leave it to the library
 # (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 at D = 32
-# and 64, and than 16 forward+backward at D >= 64; with keys of at most 32 (SMALL_HEAD_CPU_CHUNK)
-# 16, 10-30% faster forward+backward than 32 at D = 16 and 32. GPU: 64, the size timed on the
-# H200 and the one flash-linear-attention uses. TPU: 64, not timed on a TPU; ahead-of-time
-# compiles found 128 no better for memory at model level (the Pallas kernel alone wants 128 on
-# TPU). Measurements and the TPU compiles in docs/delta_rule.md.
+# and 64, and than 16 forward+backward at D >= 64; with keys of at most SMALL_HEAD_DK = 32,
+# SMALL_HEAD_CPU_CHUNK = 16, 10-30% faster forward+backward than 32 at D = 16 and 32 ("auto"
+# runs the chunked form on CPU only under differentiation). GPU: 64, the size timed on the H200
+# and the one flash-linear-attention uses. TPU: 64, not timed on a TPU; ahead-of-time compiles
+# found 128 no better for memory at model level (the Pallas kernel alone wants 128 on TPU).
+# Measurements and the TPU compiles in docs/delta_rule.md.
 CHUNK_SIZES = {"cpu": 32, "gpu": 64, "tpu": 64}
+SMALL_HEAD_DK = 32
 SMALL_HEAD_CPU_CHUNK = 16
 
 
@@ -215,7 +217,7 @@ def default_chunk_size(backend: str | None = None, head_dim: int | None = None) 
   """The chunk length ``chunk_size=None`` stands for on ``backend`` (default: JAX's) with
   keys of ``head_dim`` (Dk; None: the backend's chunk for any key size)."""
   backend = jax.default_backend() if backend is None else backend
-  if backend == "cpu" and head_dim is not None and head_dim <= 32:
+  if backend == "cpu" and head_dim is not None and head_dim <= SMALL_HEAD_DK:
     return SMALL_HEAD_CPU_CHUNK
   return CHUNK_SIZES.get(backend, 64)
 
