@@ -16,8 +16,8 @@ effect: where one pass cannot solve the task (t = 6 on 12 cells), neither N = 1 
 chance within 500 steps, and over 1,500 steps N = 1 stayed slightly ahead; where it can,
 N = 1 learned faster per step. The default is the cheapest setting where both learn well above
 chance, so the table compares two trained models. Which N comes out ahead there is not stable:
-versions of the library that differ only in the float32 rounding of the fast-weight op moved a
-single run's final exact accuracy by about 0.2 and flipped the two-seed verdict (docs/results.md),
+changes that alter only the float32 rounding of the fast-weight op moved a single run's final
+exact accuracy by up to 0.2, and the two-seed verdict flipped between versions (docs/results.md),
 so with fewer than MIN_SEEDS seeds the verdict says it cannot tell. It is a demonstration at toy
 scale, not a reproduction of the paper's Fig. 2b (t = 32, width 24, d = 256, batch 512, 20k
 steps).

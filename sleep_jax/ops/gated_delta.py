@@ -41,7 +41,7 @@ _AUTO_IMPL = {"cpu": "scan+chunked", "gpu": "chunked", "tpu": "chunked"}
 # Chunk length of the chunked form per backend, for callers that leave it to the library
 # (``chunk_size=None``; ``ModelConfig``'s default). CPU: 32, measured faster than 64 at D = 32
 # and 64, and than 16 forward+backward at D >= 64; with keys of at most SMALL_HEAD_DK = 32,
-# SMALL_HEAD_CPU_CHUNK = 16, 10-30% faster forward+backward than 32 at D = 16 and 32 ("auto"
+# SMALL_HEAD_CPU_CHUNK = 16, 7-30% faster forward+backward than 32 at D = 16 and 32 ("auto"
 # runs the chunked form on CPU only under differentiation). GPU: 64, the size timed on the H200
 # and the one flash-linear-attention uses. TPU: 64, not timed on a TPU; ahead-of-time compiles
 # found 128 no better for memory at model level (the Pallas kernel alone wants 128 on TPU).
