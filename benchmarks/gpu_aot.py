@@ -291,6 +291,19 @@ def gpu_mesh(gpu: str) -> jax.sharding.Mesh:
   return topologies.make_mesh(topology, (1,), ("gpu",))
 
 
+def targeting(gpu: str):
+  """A context in which lowering targets the described GPU (`_GPUS` key: h100, h200).
+
+  From jax 0.11, Pallas' Triton lowering asks which GPU it compiles for and, with no GPU
+  present, reads it from the device of the current abstract mesh (an empty mesh here, so
+  nothing else about the lowering changes); jax 0.10 does not ask.
+  """
+  gpu_device = jax.sharding.AbstractDevice(
+      device_kind=_GPUS[gpu]["description"], num_cores=None, platform="cuda")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((), (), abstract_device=gpu_device))
+
+
 def _placed(mesh: jax.sharding.Mesh, tree):
   """Shapes and dtypes of `tree` on the mesh's device."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -479,7 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> common.Results:
     keep = (os.path.join(args.keep_dump, f"{index:02d}_" + re.sub(r"\W+", "_", label))
             if args.keep_dump else None)
     try:
-      row = dict(target=label, **compile_for_gpu(jitted, abstract, keep))
+      with targeting(args.gpu):
+        row = dict(target=label, **compile_for_gpu(jitted, abstract, keep))
     except ToolchainMissing:
       raise
     except Exception as err:  # pylint: disable=broad-except

@@ -16,10 +16,22 @@ import numpy as np
 import pytest
 from jax import export
 
+from benchmarks import gpu_aot
 from sleep_jax import ModelConfig
 from sleep_jax import ops
 from sleep_jax.ops import gated_delta_pallas
 from test_ops import RULES, assert_close, make_inputs, reference, run
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _export_for_cuda(fn, *args):
+  """``jax.export`` of ``fn`` for CUDA on a host without a GPU (jax 0.11's Triton lowering
+  needs to be told which GPU: an H100)."""
+  with gpu_aot.targeting("h100"):
+    return export.export(
+        fn, platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -159,11 +171,8 @@ def test_cuda_lowering_emits_one_triton_kernel():
   Dk = Dv = 128, bf16). Compiling the Triton module needs a GPU and is not checked here."""
   args = _bf16_operands()
   fn = jax.jit(lambda *a: gated_delta_pallas.fused_recurrence(*a, True))
-  exported = export.export(
-      fn, platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  text = exported.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 1
+  text = _export_for_cuda(fn, *args).mlir_module()
+  assert text.count(_TRITON_CALL) == 1
   assert "gated_delta_chunks" in text
 
 
@@ -373,16 +382,14 @@ def test_cuda_lowering_of_the_op_emits_two_triton_kernels():
   """The delta rule with impl='pallas' at the benchmark's block sizes (chunk 64, Dk = Dv = 128,
   bf16) lowers to two Triton kernels: the triangular solve and the chunk recurrence. With its
   gradient, a third: the transposed solve of the backward pass."""
-  disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   args = _op_operands()
   loss = _pallas_op(64)
-  forward = export.export(jax.jit(loss), platforms=["cuda"], disabled_checks=disabled)(*args)
-  text = forward.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 2
+  text = _export_for_cuda(jax.jit(loss), *args).mlir_module()
+  assert text.count(_TRITON_CALL) == 2
   assert "unit_lower_solve" in text and "gated_delta_chunks" in text
-  with_grad = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))),
-                            platforms=["cuda"], disabled_checks=disabled)(*args)
-  assert with_grad.mlir_module().count("__gpu$xla.gpu.triton") == 3
+  with_grad = _export_for_cuda(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), *args)
+  assert with_grad.mlir_module().count(_TRITON_CALL) == 3
 
 
 @pytest.mark.tpu_aot
