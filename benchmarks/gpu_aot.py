@@ -25,7 +25,8 @@ cache of `--context` tokens), `train` (the train_step benchmark's step of `--con
 `--passes`; `--delta_unroll`, `--scan_layers` override the preset's), `boundary` (the
 sleep_cost benchmark's GPU model at window `--window`: a wake prefill of the window, the
 streaming path's boundary and `sleep_jax.sleep`, both at N = `--passes`), or `all`: the rows
-behind the GPU goals (docs/performance.md). Models compute in bf16 at the GPU's chunk size, 64.
+behind the GPU goals (docs/performance.md). Models are configured as on a GPU
+(`ModelConfig.for_backend("gpu")`: bf16, chunk 64, the chunked fast-weight op).
 
     python -m benchmarks.gpu_aot                                  # all, for an H200
     python -m benchmarks.gpu_aot --target=op --impl=unrolled --shape=4x4096x16x128 --mode=fwdbwd
@@ -377,12 +378,11 @@ def op_job(mesh, shape: tuple[int, int, int, int], impl: str, mode: str,
 
 
 def step_job(mesh, args, full: bool) -> tuple:
-  """(label, jitted, abstract args) of a one-token wake step, state and cache donated, in bf16
-  (the GPU's compute dtype, set explicitly: this host's default would be float32)."""
+  """(label, jitted, abstract args) of a one-token wake step, state and cache donated, as a GPU
+  would configure it (bf16; this host's defaults would be a CPU's)."""
   cfg = sleep_jax.ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
-                              layout=args.layout, window=args.window, dtype="bfloat16",
-                              chunk_size=sleep_jax.ops.default_chunk_size("gpu"),
-                              delta_unroll=args.delta_unroll)
+                              layout=args.layout, window=args.window,
+                              delta_unroll=args.delta_unroll).for_backend("gpu")
   if full:
     cfg = cfg.replace(layout="A" * len(args.layout), eviction="none")
   params = jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
@@ -404,11 +404,10 @@ def train_job(mesh, name: str, n: int, delta_unroll: int, scan_layers: str) -> t
   """(label, jitted, abstract args) of the train_step benchmark's step (AdamW, parameters and
   optimiser state donated) for preset `name` at its GPU batch, in bf16."""
   preset = train_step.PRESETS[name]
-  changes = dict(dtype="bfloat16", chunk_size=sleep_jax.ops.default_chunk_size("gpu"),
-                 delta_unroll=delta_unroll)
+  changes = dict(delta_unroll=delta_unroll)
   if scan_layers != "preset":
     changes["scan_layers"] = scan_layers == "1"
-  cfg = sleep_jax.ModelConfig(**dict(preset.config, **changes))
+  cfg = sleep_jax.ModelConfig(**dict(preset.config, **changes)).for_backend("gpu")
   optimizer = optax.adamw(1e-4, weight_decay=0.01)
   params = jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
   opt_state = jax.eval_shape(optimizer.init, params.weights)
@@ -425,8 +424,7 @@ def boundary_jobs(mesh, window: int, n: int, delta_unroll: int) -> list[Callable
   8, hard eviction) at window L: (label, jitted, abstract args) of a wake prefill of the window,
   the streaming boundary (`Stream`'s N - 1 passes and eviction) and `sleep` (N passes)."""
   cfg = sleep_jax.ModelConfig(vocab_size=32768, d_model=1024, num_heads=8, layout="AGAG" * 2,
-                              window=window, dtype="bfloat16", delta_unroll=delta_unroll,
-                              chunk_size=sleep_jax.ops.default_chunk_size("gpu"))
+                              window=window, delta_unroll=delta_unroll).for_backend("gpu")
   batch = 8
   params = jax.eval_shape(lambda: sleep_jax.init(cfg, jax.random.key(0)))
   state = jax.eval_shape(lambda: sleep_jax.init_state(params, batch))

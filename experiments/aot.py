@@ -15,10 +15,10 @@ fit".
 The step compiled here is the trainer's update built from library pieces: `sleep_jax.loss` under
 `jax.value_and_grad`, the optimiser of `sleep_jax.optim.make_optimizer` (Muon + AdamW), the
 update, and a guard that keeps the old state when the loss or the update is not finite. The state
-is donated, as in training, so outputs reuse the argument buffers. When the config leaves
-`model.dtype` unset, the compute dtype is bfloat16, and with `model.chunk_size` unset the
-fast-weight op's chunk is the TPU's default (`sleep_jax.ops.default_chunk_size("tpu")`, 64):
-what the trainer picks on a TPU.
+is donated, as in training, so outputs reuse the argument buffers. What the config leaves to
+the library is made as on a TPU (`ModelConfig.for_backend("tpu")`), which is what the trainer
+picks there: bfloat16 compute for an unset `model.dtype`, the TPU's chunk (64) for an unset
+`model.chunk_size`, and the chunked fast-weight op for `model.delta_impl="auto"`.
 
 Topologies: `v5e-N` / `v5litepod-N` and `v6e-N` count chips; `v4-N` and `v5p-N` count TensorCores
 (two per chip, one JAX device per chip), as Cloud TPU names them. A raw libtpu topology name such
@@ -148,18 +148,15 @@ def topology_devices(topology: Topology) -> list:
 
 
 def build_model_config(config) -> tuple[Any, sleep_jax.ModelConfig]:
-  """(task, ModelConfig) from an experiment config; bfloat16 compute and the TPU's chunk length
-  unless the config says (a TPU would pick both; this host may be a CPU)."""
+  """(task, ModelConfig) from an experiment config, with the choices the config leaves to the
+  library (compute dtype, chunk length, fast-weight implementation) made as a TPU would make
+  them, not as this host (maybe a CPU) would."""
   params = {k: (tuple(v) if isinstance(v, list) else v)
             for k, v in config.task.params.to_dict().items() if v is not None}
   task = tasks.get(config.task.name, **params)
-  fields = dict(config.model.to_dict())
-  if fields.get("dtype") is None:
-    fields["dtype"] = "bfloat16"
-  if fields.get("chunk_size") is None:
-    fields["chunk_size"] = sleep_jax.ops.default_chunk_size("tpu")
-  model = sleep_jax.ModelConfig(vocab_size=len(task.vocab), window=task.window, **fields)
-  return task, model
+  model = sleep_jax.ModelConfig(vocab_size=len(task.vocab), window=task.window,
+                                **config.model.to_dict())
+  return task, model.for_backend("tpu")
 
 
 def compile_train_step(config, mesh):

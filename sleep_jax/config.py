@@ -33,6 +33,11 @@ def _fail(field: str, message: str) -> None:
   raise ValueError(f"ModelConfig.{field}: {message}")
 
 
+def _default_dtype(backend: str) -> str:
+  """The compute dtype of ``dtype=None`` on ``backend``."""
+  return "float32" if backend == "cpu" else "bfloat16"
+
+
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     _fail(name, f"must be an integer >= {minimum}, got {value!r}")
@@ -63,12 +68,12 @@ class ModelConfig:
       float32 and the fast-weight state is always float32.
     remat: `jax.checkpoint` policy applied to every pass ("none" disables rematerialisation).
     delta_impl: implementation of the fast-weight op ("auto", "scan", "chunked" or "pallas";
-      see `sleep_jax.ops.gated_delta_rule`).
+      see `sleep_jax.ops.gated_delta_rule`; "auto" picks per backend when the model is traced).
     chunk_size: chunk length of the chunkwise-parallel op; None picks it per backend when the
       model is traced (`sleep_jax.ops.default_chunk_size`: 32 on CPU, 16 there for head_dim
       <= 32, 64 on GPU and TPU).
       Compiling ahead of time for another platform than the host's (a TPU topology from a CPU
-      host), set it (and `dtype`) explicitly.
+      host), set it, `dtype` and `delta_impl` as that platform would (`for_backend`).
     attention_impl: forwarded to `jax.nn.dot_product_attention` (None lets JAX choose, and JAX
       0.10 then runs XLA everywhere; "cudnn" for cuDNN's fused kernels on a GPU). "splash": on
       a TPU, passes without a window cache (training and `sleep` under hard eviction) run JAX's
@@ -220,7 +225,27 @@ class ModelConfig:
   def compute_dtype(self) -> jnp.dtype:
     if self.dtype is not None:
       return jnp.dtype(self.dtype)
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(_default_dtype(jax.default_backend()))
+
+  def for_backend(self, backend: str) -> "ModelConfig":
+    """This config with the choices it leaves to the library made as on ``backend``
+    ("cpu", "gpu" or "tpu"), whatever the host: ``dtype=None`` becomes that backend's compute
+    dtype, ``chunk_size=None`` its chunk for this head size, and ``delta_impl="auto"`` the
+    implementation "auto" runs there ("chunked" on GPU and TPU; on CPU it stays "auto", whose
+    CPU form depends on whether the call is differentiated). Otherwise all three follow
+    ``jax.default_backend()`` when the model is traced, which is the host's when compiling
+    ahead of time for another platform (a TPU topology or a described GPU on a CPU host).
+    Values the config sets are kept."""
+    if backend not in gated_delta.CHUNK_SIZES:
+      _fail("backend", f"must be one of {tuple(gated_delta.CHUNK_SIZES)}, got {backend!r}")
+    changes = {}
+    if self.dtype is None:
+      changes["dtype"] = _default_dtype(backend)
+    if self.chunk_size is None:
+      changes["chunk_size"] = gated_delta.default_chunk_size(backend, self.resolved_head_dim)
+    if self.delta_impl == "auto" and backend != "cpu":
+      changes["delta_impl"] = gated_delta.resolve_impl("auto", backend)
+    return self.replace(**changes)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

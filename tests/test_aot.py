@@ -66,12 +66,13 @@ def test_memory_report_counts_bytes():
 
 
 def test_model_config_is_what_a_tpu_would_pick():
-  """Unset dtype and chunk_size become the TPU's (bfloat16, its default chunk), not the host's
-  (on a CPU host: float32 and chunk 32); values the config sets are kept."""
+  """Unset dtype and chunk_size, and delta_impl "auto", become the TPU's (bfloat16, its default
+  chunk, the chunked op), not the host's (on a CPU host: float32, chunk 16 or 32, the scan
+  outside differentiation); values the config sets are kept."""
   from experiments.configs import multi_hop  # pylint: disable=import-outside-toplevel
   config = multi_hop.get_config("smoke")
   _, model = aot.build_model_config(config)
-  assert model.dtype == "bfloat16"
+  assert model.dtype == "bfloat16" and model.delta_impl == "chunked"
   assert model.chunk_size == sleep_jax.ops.default_chunk_size("tpu")
   config.model.chunk_size, config.model.dtype = 16, "float32"
   _, model = aot.build_model_config(config)

@@ -490,6 +490,39 @@ def test_chunk_size_none_runs_the_backends_chunk_in_the_model():
   assert not np.array_equal(default, logits(chunk // 4))
 
 
+def test_for_backend_makes_the_choices_that_backend_would_make():
+  """ModelConfig.for_backend: unset dtype and chunk_size, and delta_impl="auto", become what
+  the named backend would trace, on any host; set values are kept. Traced here with the GPU's
+  choices, `sleep` runs the chunked op (no loop over the window's 8 tokens), where this host's
+  "auto" on a CPU runs the per-token scan."""
+  from test_ops import _scan_lengths  # pylint: disable=g-import-not-at-top
+
+  base = make().config                                       # head_dim 16
+  gpu = base.for_backend("gpu")
+  assert (gpu.dtype, gpu.chunk_size, gpu.delta_impl) == ("bfloat16", 64, "chunked")
+  assert gpu.for_backend("gpu") == gpu
+  assert base.for_backend("tpu").replace(dtype=None, chunk_size=None) == base.replace(
+      delta_impl="chunked")
+  cpu = base.for_backend("cpu")
+  assert (cpu.dtype, cpu.chunk_size, cpu.delta_impl) == (
+      "float32", sj.ops.default_chunk_size("cpu", 16), "auto")
+  kept = base.replace(dtype="float16", chunk_size=8, delta_impl="scan").for_backend("tpu")
+  assert (kept.dtype, kept.chunk_size, kept.delta_impl) == ("float16", 8, "scan")
+  with pytest.raises(ValueError, match=r"ModelConfig.backend: must be one of .*'tpu'.*'cuda'"):
+    base.for_backend("cuda")
+
+  params = make()
+  state, ctx = sj.init_state(params, B), tokens((B, L))
+
+  def sleep_scans(config):
+    return _scan_lengths(jax.make_jaxpr(
+        lambda s, c: sj.sleep(params.replace(config=config), s, c, 3))(state, ctx).jaxpr)
+
+  assert L not in sleep_scans(gpu) and 3 in sleep_scans(gpu)
+  if jax.default_backend() == "cpu":
+    assert L in sleep_scans(base)
+
+
 def test_dense_keeps_nn_dense_parameters_and_rounds_one_token_products_once():
   """layers.Dense: the parameter of nn.Dense (same name, shape, initial values); over several
   tokens the same product as nn.Dense; on one token in bf16 the float32 sum of the bf16-rounded
