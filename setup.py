@@ -5,7 +5,7 @@ import setuptools
 CORE = [
     "jax>=0.6",
     "flax>=0.10",
-    "optax>=0.2.4",
+    "optax>=0.2.5",  # optax.tree
     "orbax-checkpoint>=0.11",
     "absl-py",
     "numpy",

@@ -186,7 +186,7 @@ def compile_train_step(config, mesh):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     weights = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(updates))
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
     new = train_lib.TrainState(step=state.step + 1, params=weights, opt_state=opt_state,
                                rng=state.rng)
     state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)

@@ -318,7 +318,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
   def train_step(state: train_lib.TrainState, batch: dict, step: jax.Array,
                  learning_rates: jax.Array):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     tx = make_optimizer(learning_rates[0], learning_rates[1])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     weights = optax.apply_updates(state.params, updates)
