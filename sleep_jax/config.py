@@ -237,7 +237,8 @@ class ModelConfig:
     ahead of time for another platform (a TPU topology or a described GPU on a CPU host).
     Values the config sets are kept."""
     if backend not in gated_delta.CHUNK_SIZES:
-      _fail("backend", f"must be one of {tuple(gated_delta.CHUNK_SIZES)}, got {backend!r}")
+      raise ValueError(f"ModelConfig.for_backend: backend must be one of "
+                       f"{tuple(gated_delta.CHUNK_SIZES)}, got {backend!r}")
     changes = {}
     if self.dtype is None:
       changes["dtype"] = _default_dtype(backend)

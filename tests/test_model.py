@@ -508,7 +508,7 @@ def test_for_backend_makes_the_choices_that_backend_would_make():
       "float32", sj.ops.default_chunk_size("cpu", 16), "auto")
   kept = base.replace(dtype="float16", chunk_size=8, delta_impl="scan").for_backend("tpu")
   assert (kept.dtype, kept.chunk_size, kept.delta_impl) == ("float16", 8, "scan")
-  with pytest.raises(ValueError, match=r"ModelConfig.backend: must be one of .*'tpu'.*'cuda'"):
+  with pytest.raises(ValueError, match=r"for_backend: backend must be one of .*'tpu'.*'cuda'"):
     base.for_backend("cuda")
 
   params = make()
